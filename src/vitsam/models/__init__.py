@@ -1,0 +1,1 @@
+"""Model zoo (built on timm) and the hooks the analyses need."""
