@@ -1,0 +1,138 @@
+"""The ``vitsam`` command line: train, eval, analyze, prune, corrupt, models, presets, demo."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
+                                                     NotADirectoryError, PermissionError,
+                                                     RuntimeError, KeyError)
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    import torch
+
+    from .models import MODELS, count_params, create_model
+
+    print(f"{'name':<14} {'family':<7} {'params':>9}  {'img':>4}  description")
+    for name, info in MODELS.items():
+        # Parameter counts as the paper reports them: 1000 classes at the intended size; the
+        # meta device builds the shapes without allocating weights.
+        classes = 1000 if info.img_size == 224 else 10
+        with torch.device("meta"):
+            n = count_params(create_model(name, classes, info.img_size, 3))
+        print(f"{name:<14} {info.family:<7} {n / 1e6:>8.1f}M  {info.img_size:>4}  "
+              f"{info.description} [{classes} classes]")
+    print("\nAny timm model name works too (randomly initialised).")
+
+
+def _cmd_presets(args: argparse.Namespace) -> None:
+    from .presets import PRESETS
+
+    for name, make in PRESETS.items():
+        print(f"{name:<22} {make().description}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .config import RunConfig, apply_overrides
+    from .presets import get_preset
+    from .train.engine import train
+
+    if args.resume:
+        if args.overrides or args.preset:
+            raise ValueError("--resume continues a run with its saved config; "
+                             "drop the preset and overrides")
+        final = train(resume=args.resume, progress=not args.quiet)
+    else:
+        cfg = get_preset(args.preset, smoke_size=args.smoke) if args.preset else RunConfig()
+        cfg = apply_overrides(cfg, args.overrides)
+        final = train(cfg, run_dir=args.run_dir, progress=not args.quiet)
+    _print_final([final])
+
+
+def _print_final(finals: list[dict[str, Any]]) -> None:
+    print(f"\n{'run':<22} {'test acc':>9} {'train acc':>10} {'time':>8} {'img/s':>7}  folder")
+    for f in finals:
+        ips = f.get("train_images_per_s") or 0.0
+        print(f"{f['name']:<22} {f['test_acc'] * 100:>8.2f}% {f['train_acc'] * 100:>9.2f}% "
+              f"{f['wall_time_s']:>7.1f}s {ips:>7.0f}  {f['run_dir']}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .config import apply_overrides
+    from .presets import get_preset
+    from .train.engine import train
+
+    names = ["mnist-vit", "mnist-vit-sam", "mnist-resnet", "mnist-resnet-sam"]
+    out = Path(args.out)
+    print(f"vitsam demo: {len(names)} runs on the embedded MNIST-5k digits "
+          f"(4,000 train / 1,000 test), results under {out}/")
+    finals = []
+    for name in names:
+        cfg = apply_overrides(get_preset(name, smoke_size=args.smoke),
+                              [f"out_dir={out}", *args.overrides])
+        finals.append(train(cfg, progress=not args.quiet))
+    _print_final(finals)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitsam", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("train", help="train a model (preset + dotted overrides)")
+    s.add_argument("--preset", help="named preset (see `vitsam presets`)")
+    s.add_argument("--smoke", action="store_true", help="the preset's tiny smoke size")
+    s.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=50 optim.rho=0.1")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("demo", help="ViT and ResNet, with and without SAM, on MNIST-5k")
+    s.add_argument("--out", default="runs/demo", help="folder for the four runs")
+    s.add_argument("--smoke", action="store_true", help="tiny sizes (seconds, for tests)")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("overrides", nargs="*", help="key=value applied to every run")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("models", help="list model names, parameter counts and image sizes")
+    s.set_defaults(func=_cmd_models)
+    s = sub.add_parser("presets", help="list the named experiment presets")
+    s.set_defaults(func=_cmd_presets)
+
+    for register in _plugins():
+        register(sub)
+    return p
+
+
+def _plugins() -> list[Callable[[Any], None]]:
+    """Sub-commands defined next to the code they drive (eval, analyze, prune, corrupt)."""
+    from .commands import register_all
+
+    return register_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("VITSAM_DEBUG") == "1"
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("vitsam: interrupted; `vitsam train --resume RUN_DIR` continues from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as exc:
+        if debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        print(f"vitsam: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Build the base optimiser (AdamW or SGD-Nesterov), optionally wrapped in SAM.
+
+Weight decay is not applied to biases, normalisation weights, position embeddings and class
+tokens (every 1-D parameter, plus tokens/embeddings by name), as in the paper's recipes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser settings. ``sam=True`` wraps the base optimiser in SAM with radius ``rho``."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # SGD only (Nesterov)
+    beta1: float = 0.9  # AdamW only
+    beta2: float = 0.999
+    sam: bool = False
+    rho: float = 0.05
+    adaptive: bool = False
+    m: int | None = None  # m-sharpness chunk size on one device; None = whole batch
+    sync_perturbation: bool = False  # DDP: perturb with the all-reduced gradient
+    reuse_randomness: bool = True  # second SAM pass reuses the first pass's dropout masks
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: decayed matrices/filters, and undecayed 1-D params, tokens and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def validate(cfg: OptimConfig) -> None:
+    """Raise a one-line ValueError for impossible settings."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"optim.lr must be > 0, got {cfg.lr}")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.sam and not cfg.rho > 0:
+        raise ValueError(f"optim.rho must be > 0 with SAM, got {cfg.rho}; or set optim.sam=false")
+    if cfg.m is not None and cfg.m < 1:
+        raise ValueError(f"optim.m must be a positive number of samples or null, got {cfg.m}")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The configured optimiser over ``model``'s parameters (SAM-wrapped if ``cfg.sam``)."""
+    validate(cfg)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "adamw":
+        base_cls: type[torch.optim.Optimizer] = torch.optim.AdamW
+        kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
+    else:
+        base_cls = torch.optim.SGD
+        kwargs = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": True}
+    if cfg.sam:
+        from .sam import SAM
+
+        return SAM(groups, base_cls, rho=cfg.rho, adaptive=cfg.adaptive, **kwargs)
+    return base_cls(groups, **kwargs)

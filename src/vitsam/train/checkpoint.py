@@ -1,0 +1,250 @@
+"""Self-describing checkpoints and run folders.
+
+A run folder::
+
+    config.json            full RunConfig
+    metrics.jsonl          one JSON record per logged step / evaluation
+    checkpoints/
+        latest.json        {"name": "epoch-0003", "step": ...}, rewritten atomically
+        epoch-0003/        model.safetensors  weights
+                           optim.safetensors  optimiser tensors (moments, momentum buffers)
+                           state.json         step, epoch, model spec, config, optimiser and
+                                              scheduler structure, RNG states, checksums
+    final.json             test accuracy, wall time, images/s (when training finished)
+
+A checkpoint folder is written under a temporary name and renamed into place, and
+``latest.json`` is replaced only after that, so an interruption never leaves a damaged
+"latest" checkpoint and never removes one that was complete.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..io import atomic_write_json, read_json, sha256_file
+
+FORMAT = "vitsam-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A run folder or checkpoint that cannot be used (missing, damaged, or mismatched)."""
+
+
+# -- nested state <-> (JSON, flat tensors) -------------------------------------------------------
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (optimizer/scheduler state dicts) into JSON and a flat tensor dict."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(o: Any, path: str) -> Any:
+        if isinstance(o, torch.Tensor):
+            tensors[path] = o.detach().cpu().clone().contiguous()
+            return {"__tensor__": path}
+        if isinstance(o, dict):
+            if o and all(isinstance(k, int) for k in o):
+                return {"__intdict__": [[k, walk(v, f"{path}/{k}")] for k, v in o.items()]}
+            return {str(k): walk(v, f"{path}/{k}") for k, v in o.items()}
+        if isinstance(o, tuple):
+            return {"__tuple__": [walk(v, f"{path}/{i}") for i, v in enumerate(o)]}
+        if isinstance(o, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(o)]
+        return o
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``flatten_state``."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__intdict__" in obj:
+            return {int(k): unflatten_state(v, tensors) for k, v in obj["__intdict__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+        return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict[str, str]:
+    """Torch CPU (and CUDA) generator states, base64-encoded for JSON."""
+    enc = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        enc["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode()
+                       for s in torch.cuda.get_rng_state_all()]
+    return enc
+
+
+def set_rng_state(enc: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    def dec(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(dec(enc["torch"]))
+    if "cuda" in enc and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([dec(s) for s in enc["cuda"]])
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+def _state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights): clone each one.
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, model_spec: dict,
+                    config: dict, step: int, epoch: int, optimizer: Any = None,
+                    scheduler: Any = None, scaler: Any = None, extra: dict | None = None,
+                    keep: int | None = None) -> Path:
+    """Atomically write checkpoint ``name`` into ``run_dir/checkpoints`` and point latest at it."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_state_dict_cpu(model), str(tmp / "model.safetensors"))
+    state: dict[str, Any] = {"format": FORMAT, "name": name, "step": step, "epoch": epoch,
+                             "model_spec": model_spec, "config": config, "rng": rng_state(),
+                             "extra": extra or {}}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            state[key], t = flatten_state(obj.state_dict(), key)
+            tensors.update(t)
+    if tensors:
+        save_file(tensors, str(tmp / "optim.safetensors"))
+    state["sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+    atomic_write_json(tmp / "state.json", state)
+    final = ckpt_root / name
+    if final.exists():  # same name again (e.g. after a resume): swap, then delete the old copy
+        old = ckpt_root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    atomic_write_json(ckpt_root / "latest.json", {"name": name, "step": step, "epoch": epoch})
+    if keep:
+        _prune_old(ckpt_root, keep, protect=name)
+    return final
+
+
+def _prune_old(ckpt_root: Path, keep: int, protect: str) -> None:
+    names = sorted(p.name for p in ckpt_root.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and p.name != "final")
+    for old in names[: max(0, len(names) - keep)]:
+        if old != protect:
+            shutil.rmtree(ckpt_root / old, ignore_errors=True)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+def list_checkpoints(run_dir: str | Path) -> list[str]:
+    """Names of complete checkpoints (those with a state.json), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / "state.json").exists())
+
+
+def resolve_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
+    """The folder of checkpoint ``which`` ("last", "final" or a name such as epoch-0003)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist; give the folder that "
+                              "`vitsam train` printed")
+    root = run_dir / "checkpoints"
+    names = list_checkpoints(run_dir)
+    if not names:
+        raise CheckpointError(f"{run_dir} holds no checkpoint (no checkpoints/*/state.json); "
+                              "is it a vitsam run folder, and did training save at least once?")
+    if which == "last":
+        try:
+            which = read_json(root / "latest.json", "checkpoint pointer")["name"]
+        except (FileNotFoundError, ValueError, KeyError):
+            which = names[-1]
+    if which not in names:
+        raise CheckpointError(f"checkpoint {which!r} not found in {run_dir}; "
+                              f"available: {', '.join(names)}")
+    return root / which
+
+
+def read_checkpoint(ckpt_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state, model tensors, optimiser tensors) of a checkpoint folder, checksums verified."""
+    try:
+        state = read_json(ckpt_dir / "state.json", "checkpoint state")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt_dir} is not a {FORMAT} checkpoint "
+                              f"(format={state.get('format')!r})")
+    others = [n for n in list_checkpoints(ckpt_dir.parent.parent) if n != ckpt_dir.name]
+    alt = f"; other checkpoints: {', '.join(others)}" if others else ""
+    tensors = []
+    for fname in ("model.safetensors", "optim.safetensors"):
+        path = ckpt_dir / fname
+        if not path.exists():
+            if fname == "model.safetensors":
+                raise CheckpointError(f"{path} is missing{alt}")
+            tensors.append({})
+            continue
+        want = state.get("sha256", {}).get(fname)
+        if want and sha256_file(path) != want:
+            raise CheckpointError(f"{path} is damaged (checksum mismatch){alt}")
+        try:
+            tensors.append(load_file(str(path)))
+        except (SafetensorsError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} cannot be read ({exc}){alt}") from None
+    return state, tensors[0], tensors[1]
+
+
+@dataclass
+class LoadedRun:
+    """A run's model (eval mode, weights loaded) and everything that describes it."""
+
+    run_dir: Path
+    model: nn.Module
+    model_spec: dict
+    config: dict
+    step: int
+    checkpoint: Path
+
+
+def load_run(run_dir: str | Path, which: str = "last", device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild a run's model from its folder alone."""
+    from ..models import build_from_spec
+
+    ckpt = resolve_checkpoint(run_dir, which)
+    state, weights, _ = read_checkpoint(ckpt)
+    model = build_from_spec(state["model_spec"])
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"weights in {ckpt} do not fit the model spec "
+                              f"{state['model_spec']['name']}: {first}") from None
+    model.to(device).eval()
+    return LoadedRun(Path(run_dir), model, state["model_spec"], state["config"],
+                     int(state["step"]), ckpt)
+
+
+def save_model_run(out_dir: str | Path, model: nn.Module, model_spec: dict, config: dict,
+                   extra: dict | None = None, step: int = 0) -> Path:
+    """Write a new, complete run folder holding ``model`` (for derived models, e.g. pruned)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", config)
+    save_checkpoint(out, "final", model, model_spec, config, step=step, epoch=0, extra=extra)
+    return out

@@ -1,0 +1,256 @@
+"""The training loop: plain or SAM optimisation of any zoo model on any data source.
+
+All durations (epochs, warm-up, evaluation and checkpoint intervals) are converted to optimiser
+steps once, in ``Timeline``; logging, evaluation and checkpoints are gated by ``is_time``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import RunConfig, TrainConfig, from_dict, to_dict, validate
+from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
+from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
+from ..models import count_params, create_model, make_spec
+from ..optim.factory import build_optimizer
+from ..optim.schedule import build_scheduler
+from ..optim.steps import StepConfig
+from ..optim.steps import train_step as optim_train_step
+from .checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import set_rng_state, unflatten_state
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Every duration of a run, in optimiser steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int
+    ckpt_every: int
+    log_every: int
+
+    @classmethod
+    def from_config(cls, t: TrainConfig, steps_per_epoch: int) -> "Timeline":
+        total = max(1, math.ceil(t.epochs * steps_per_epoch))
+        if t.max_steps is not None:
+            total = min(total, t.max_steps)
+        warm = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
+        return cls(steps_per_epoch, total, min(warm, total),
+                   max(1, round(t.eval_every_epochs * steps_per_epoch)),
+                   max(1, round(t.ckpt_every_epochs * steps_per_epoch)), max(1, t.log_every_steps))
+
+
+def is_time(step: int, every: int, total: int) -> bool:
+    """True after optimiser step ``step`` (1-based) when an interval ends, and at the last step."""
+    return step == total or step % every == 0
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting ('auto' = bf16 on GPU, fp32 on CPU)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Any, device: torch.device,
+             amp: torch.dtype | None = None) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy of ``model`` over (x, y) batches (eval mode)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += y.numel()
+    model.train(was_training)
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": n}
+
+
+def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+               step_cfg: StepConfig) -> dict[str, float]:
+    """One optimiser step (two passes with SAM) followed by one scheduler step."""
+    out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg)
+    scheduler.step()
+    return out
+
+
+class _Meter:
+    """Sums step signals between two log records."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, out: dict[str, float]) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        n, s = max(self.count, 1), self.sums
+        rec = {k: v / n for k, v in s.items() if k not in ("correct", "n", "skipped")}
+        rec["acc"] = s.get("correct", 0.0) / max(s.get("n", 0.0), 1.0)
+        rec["skipped_steps"] = s.get("skipped", 0.0)
+        rec["images_per_s"] = s.get("n", 0.0) / max(time.perf_counter() - self.t0, 1e-9)
+        self.__init__()
+        return rec
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    """``<out_dir>/<name>-<timestamp>``, made unique."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.out_dir).expanduser() / f"{cfg.name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return path
+
+
+def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
+          resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train a run (or continue ``resume``, a run folder) and return its ``final.json`` record."""
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = from_dict(RunConfig, read_json(run_dir / "config.json", "run config"))
+        if (run_dir / "final.json").exists():
+            raise CheckpointError(f"{run_dir} already finished (final.json exists); "
+                                  "start a new run instead of resuming")
+    assert cfg is not None, "train() needs a config or a run folder to resume"
+    validate(cfg)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = pick_device(t.device)
+    amp = autocast_dtype(t.precision, device)
+    bundle = build_data(cfg.data)
+    timeline = Timeline.from_config(t, steps_per_epoch(bundle, t.batch_size))
+
+    torch.manual_seed(t.seed)
+    spec = make_spec(cfg.model.name, bundle.num_classes, bundle.img_size, bundle.in_chans,
+                     dict(cfg.model.kwargs))
+    model = create_model(spec["name"], spec["num_classes"], spec["img_size"], spec["in_chans"],
+                         **spec["kwargs"]).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, timeline.total_steps, timeline.warmup_steps, t.decay)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    step_cfg = StepConfig(clip_norm=t.clip_norm, micro_batch=t.micro_batch, m=cfg.optim.m,
+                          autocast_dtype=amp, reuse_randomness=cfg.optim.reuse_randomness,
+                          sync_perturbation=cfg.optim.sync_perturbation)
+
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = to_dict(cfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    step, wall_before = 0, 0.0
+    if resume is not None:
+        step, wall_before = _restore(run_dir, model, optimizer, scheduler, scaler, metrics_path)
+    else:
+        atomic_write_json(run_dir / "config.json", cfg_dict)
+
+    def checkpoint(name: str, epoch: int, wall: float) -> None:
+        save_checkpoint(run_dir, name, model, spec, cfg_dict, step, epoch, optimizer, scheduler,
+                        scaler, extra={"wall_time_s": wall}, keep=t.keep_checkpoints)
+
+    t0 = time.perf_counter() - wall_before
+    meter = _Meter()
+    bar = tqdm(total=timeline.total_steps, initial=step, disable=not progress, unit="step",
+               desc=cfg.name, dynamic_ncols=True)
+    model.train()
+    while step < timeline.total_steps:
+        epoch, skip = divmod(step, timeline.steps_per_epoch)
+        for i, (x, y) in enumerate(train_batches(bundle, t.batch_size, epoch=epoch, seed=t.seed,
+                                                 device=device)):
+            if i < skip:  # resuming mid-epoch: the epoch's batch order is fixed by its seed
+                continue
+            meter.add(train_step(model, criterion, x, y, optimizer, scheduler, scaler, step_cfg))
+            step += 1
+            bar.update(1)
+            if is_time(step, timeline.log_every, timeline.total_steps):
+                rec = meter.flush()
+                rec.update(step=step, epoch=step / timeline.steps_per_epoch,
+                           lr=scheduler.get_last_lr()[0])
+                append_jsonl(metrics_path, rec)
+                bar.set_postfix(epoch=f"{rec['epoch']:.2f}", loss=f"{rec['loss']:.3f}",
+                                acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
+            if is_time(step, timeline.eval_every, timeline.total_steps):
+                ev = evaluate(model, eval_batches(bundle.test, 256, bundle.mean, bundle.std,
+                                                  bundle.img_size, device), device, amp)
+                append_jsonl(metrics_path, {"step": step, "epoch": step / timeline.steps_per_epoch,
+                                            "test_loss": ev["loss"], "test_acc": ev["acc"]})
+                model.train()
+            if is_time(step, timeline.ckpt_every, timeline.total_steps):
+                checkpoint(f"step-{step:08d}", step // timeline.steps_per_epoch,
+                           time.perf_counter() - t0)
+            if step >= timeline.total_steps:
+                break
+    bar.close()
+    return _finish(run_dir, cfg, model, bundle, device, amp, step, time.perf_counter() - t0,
+                   metrics_path)
+
+
+def _restore(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+             metrics_path: Path) -> tuple[int, float]:
+    """Load the latest checkpoint of ``run_dir`` into the training objects; returns (step, wall)."""
+    state, weights, opt_tensors = read_checkpoint(resolve_checkpoint(run_dir, "last"))
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(unflatten_state(state["optimizer"], opt_tensors))
+    scheduler.load_state_dict(unflatten_state(state["scheduler"], opt_tensors))
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(unflatten_state(state["scaler"], opt_tensors))
+    set_rng_state(state["rng"])
+    step = int(state["step"])
+    if metrics_path.exists():  # keep the interrupted log, but continue a clean one
+        records = list(read_jsonl(metrics_path))
+        k = len(list(run_dir.glob("metrics.pre-resume-*.jsonl")))
+        metrics_path.rename(run_dir / f"metrics.pre-resume-{k}.jsonl")
+        for rec in records:
+            if rec.get("step", 0) <= step:
+                append_jsonl(metrics_path, rec)
+    return step, float(state.get("extra", {}).get("wall_time_s", 0.0))
+
+
+def _finish(run_dir: Path, cfg: RunConfig, model: nn.Module, bundle: DataBundle,
+            device: torch.device, amp: torch.dtype | None, step: int, wall: float,
+            metrics_path: Path) -> dict[str, Any]:
+    """Final test and clean train accuracy, throughput, and ``final.json``."""
+    test = evaluate(model, eval_batches(bundle.test, 256, bundle.mean, bundle.std, bundle.img_size,
+                                        device), device, amp)
+    n_train = min(len(bundle.train), cfg.train.train_eval_samples)
+    train_acc = evaluate(model, eval_batches(bundle.train.subset(n_train), 256, bundle.mean,
+                                             bundle.std, bundle.img_size, device), device, amp)
+    rates = [r["images_per_s"] for r in read_jsonl(metrics_path) if "images_per_s" in r]
+    final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
+             "params": count_params(model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
+             "steps": step, "epochs": step / max(steps_per_epoch(bundle, cfg.train.batch_size), 1),
+             "test_acc": test["acc"], "test_loss": test["loss"], "train_acc": train_acc["acc"],
+             "wall_time_s": wall,
+             "train_images_per_s": sum(rates) / len(rates) if rates else None,
+             "device": str(device)}
+    atomic_write_json(run_dir / "final.json", final)
+    return final
