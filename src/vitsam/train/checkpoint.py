@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -205,7 +205,7 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict
             raise CheckpointError(f"{path} is damaged (checksum mismatch){alt}")
         try:
             tensors.append(load_file(str(path)))
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} cannot be read ({exc}){alt}") from None
     return state, tensors[0], tensors[1]
 

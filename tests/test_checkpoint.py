@@ -1,0 +1,94 @@
+"""Checkpoints: self-describing, exact round trips, atomic writes, clear errors when damaged."""
+import pytest
+import torch
+
+from vitsam.models import create_model, make_spec
+from vitsam.train import checkpoint as ck
+
+
+def _model() -> tuple[torch.nn.Module, dict]:
+    spec = make_spec("vit-t4", 10, 16, 1, {"depth": 1, "embed_dim": 16, "num_heads": 2})
+    torch.manual_seed(0)
+    return create_model("vit-t4", 10, 16, 1, **spec["kwargs"]), spec
+
+
+def _trained_adam(model: torch.nn.Module) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    model(torch.randn(4, 1, 16, 16)).sum().backward()
+    opt.step()
+    return opt
+
+
+def test_flatten_unflatten_optimizer_state_round_trip() -> None:
+    model, _ = _model()
+    opt = _trained_adam(model)
+    sd = opt.state_dict()
+    js, tensors = ck.flatten_state(sd, "optimizer")
+    back = ck.unflatten_state(js, tensors)
+    assert back["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert set(back["state"]) == set(sd["state"])
+    for k, st in sd["state"].items():
+        for name, val in st.items():
+            assert torch.equal(back["state"][k][name], val)
+
+
+def test_save_and_load_run_is_exact(tmp_path) -> None:
+    model, spec = _model()
+    opt = _trained_adam(model)
+    ck.save_checkpoint(tmp_path, "step-00000001", model, spec, {"name": "t"}, 1, 0, opt)
+    run = ck.load_run(tmp_path)
+    assert run.step == 1 and run.model_spec == spec and not run.model.training
+    for (n, a), (_, b) in zip(model.state_dict().items(), run.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    state, _, opt_t = ck.read_checkpoint(run.checkpoint)
+    opt2 = torch.optim.AdamW(run.model.parameters(), lr=1.0)
+    opt2.load_state_dict(ck.unflatten_state(state["optimizer"], opt_t))
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    model, spec = _model()
+    ck.save_checkpoint(tmp_path, "step-00000001", model, spec, {}, 1, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "atomic_write_json", crash)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(tmp_path, "step-00000002", model, spec, {}, 2, 0)
+    monkeypatch.undo()
+    run = ck.load_run(tmp_path)
+    assert run.step == 1 and ck.list_checkpoints(tmp_path) == ["step-00000001"]
+    assert all(torch.equal(run.model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_damaged_checkpoint_gives_one_line_error(tmp_path) -> None:
+    model, spec = _model()
+    ck.save_checkpoint(tmp_path, "step-00000001", model, spec, {}, 1, 0)
+    ck.save_checkpoint(tmp_path, "step-00000002", model, spec, {}, 2, 0)
+    path = tmp_path / "checkpoints" / "step-00000002" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10:] = b"\x00" * 10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match="damaged.*other checkpoints: step-00000001"):
+        ck.load_run(tmp_path)
+    assert ck.load_run(tmp_path, "step-00000001").step == 1
+    with pytest.raises(ck.CheckpointError, match="holds no checkpoint"):
+        ck.load_run(tmp_path / "checkpoints")
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ck.load_run(tmp_path / "nope")
+
+
+def test_keep_prunes_old_checkpoints_and_rng_round_trip(tmp_path) -> None:
+    model, spec = _model()
+    for s in range(1, 5):
+        ck.save_checkpoint(tmp_path, f"step-{s:08d}", model, spec, {}, s, 0, keep=2)
+    assert ck.list_checkpoints(tmp_path) == ["step-00000003", "step-00000004"]
+    state = ck.rng_state()
+    a = torch.rand(3)
+    ck.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
