@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, TrainConfig, from_dict, to_dict, validate
 from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
+from ..data.sample import random_subset
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from ..models import count_params, create_model, make_spec
 from ..optim.factory import build_optimizer
@@ -241,9 +242,9 @@ def _finish(run_dir: Path, cfg: RunConfig, model: nn.Module, bundle: DataBundle,
     """Final test and clean train accuracy, throughput, and ``final.json``."""
     test = evaluate(model, eval_batches(bundle.test, 256, bundle.mean, bundle.std, bundle.img_size,
                                         device), device, amp)
-    n_train = min(len(bundle.train), cfg.train.train_eval_samples)
-    train_acc = evaluate(model, eval_batches(bundle.train.subset(n_train), 256, bundle.mean,
-                                             bundle.std, bundle.img_size, device), device, amp)
+    sub = random_subset(bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
+    train_acc = evaluate(model, eval_batches(sub, 256, bundle.mean, bundle.std, bundle.img_size,
+                                             device), device, amp)
     rates = [r["images_per_s"] for r in read_jsonl(metrics_path) if "images_per_s" in r]
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
              "params": count_params(model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,

@@ -1,0 +1,128 @@
+"""Run analysis plug-ins on run folders: load the run's model and data, call ``run``, save.
+
+Each plug-in module ``vitsam.analysis.<name>`` has ``run(model, data, cfg) -> dict``, a frozen
+config dataclass, and optionally ``figures(results, out_dir)``. Results go to the run folder's
+``analysis.json`` (one entry per analysis, with its settings, checkpoint and time), figures next
+to it. Keys of a result that start with ``_`` (arrays kept for figures) are not written.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import apply_overrides, to_dict
+from ..data import DataConfig, build_data, eval_batches
+from ..data.sample import random_subset
+from ..io import atomic_write_json, read_json
+from ..train.checkpoint import LoadedRun, load_run
+
+# name -> (config class, split the data comes from)
+ANALYSES: dict[str, tuple[str, str]] = {
+    "hessian": ("HessianConfig", "train"),
+    "ntk": ("NTKConfig", "train"),
+    "landscape": ("LandscapeConfig", "train"),
+    "sparsity": ("SparsityConfig", "train"),
+    "attention": ("AttentionConfig", "test"),
+}
+
+
+@dataclass
+class Request:
+    """What to analyse and on how much data."""
+
+    names: list[str]
+    batches: int = 4
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint: str = "last"
+    settings: list[str] = field(default_factory=list)  # "hessian.k=5", "landscape.steps=11"
+
+
+def plugin(name: str) -> Any:
+    """The module of analysis ``name``."""
+    if name not in ANALYSES:
+        raise ValueError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
+    return importlib.import_module(f"vitsam.analysis.{name}")
+
+
+def plugin_config(name: str, settings: list[str], **defaults: Any) -> Any:
+    """The plug-in's config with ``defaults`` and the ``name.key=value`` settings applied."""
+    cls = getattr(plugin(name), ANALYSES[name][0])
+    known = {k: v for k, v in defaults.items() if k in cls.__dataclass_fields__}
+    mine = [s.split(".", 1)[1] for s in settings if s.startswith(name + ".")]
+    return apply_overrides(cls(**known), mine)
+
+
+def sample_batches(tensors: Any, mean: Any, std: Any, img_size: int, n: int, batch_size: int,
+                   seed: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` images drawn without replacement (seeded) as normalised evaluation batches."""
+    return list(eval_batches(random_subset(tensors, n, seed), batch_size, mean, std, img_size,
+                             device))
+
+
+def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[str, Any]:
+    """Run the requested analyses on one run folder; returns ``{name: entry}``."""
+    for s in req.settings:
+        if s.split(".", 1)[0] not in ANALYSES or "=" not in s:
+            raise ValueError(f"setting {s!r} must look like <analysis>.<key>=<value> with analysis "
+                             f"one of {', '.join(ANALYSES)}")
+    run = load_run(run_dir, req.checkpoint, device=req.device)
+    bundle = build_data(DataConfig(**run.config["data"]))
+    out: dict[str, Any] = {}
+    for name in req.names:
+        split = bundle.train if ANALYSES[name][1] == "train" else bundle.test
+        data = sample_batches(split, bundle.mean, bundle.std, bundle.img_size,
+                              req.batches * req.batch_size, req.batch_size, req.seed, req.device)
+        cfg = plugin_config(name, req.settings, mean=bundle.mean, std=bundle.std,
+                            progress=progress)
+        t0 = time.perf_counter()
+        result = _call(name, run, data, cfg)
+        out[name] = {"result": result, "settings": to_dict(cfg), "checkpoint": run.checkpoint.name,
+                     "step": run.step, "samples": sum(len(y) for _, y in data),
+                     "time_s": time.perf_counter() - t0}
+    save(Path(run_dir), out)
+    return out
+
+
+def _call(name: str, run: LoadedRun, data: list, cfg: Any) -> dict[str, Any]:
+    mod = plugin(name)
+    if name == "ntk" and getattr(cfg, "at_init", False):
+        from ..models import build_from_spec
+
+        def factory(seed: int) -> torch.nn.Module:
+            torch.manual_seed(seed)
+            return build_from_spec(run.model_spec).to(next(run.model.parameters()).device)
+
+        return mod.run_at_init(factory, data, cfg)
+    return mod.run(run.model, data, cfg)
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """A result without its ``_`` keys (arrays kept only for figures)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def save(run_dir: Path, entries: dict[str, Any]) -> Path:
+    """Merge entries into ``run_dir/analysis.json`` (other analyses already there are kept)."""
+    path = run_dir / "analysis.json"
+    merged = read_json(path, "analysis file") if path.exists() else {}
+    for name, entry in entries.items():
+        merged[name] = {**entry, "result": public(entry["result"])}
+    atomic_write_json(path, merged)
+    return path
+
+
+def draw(name: str, labelled: list[tuple[str, dict[str, Any]]], out_dir: Path) -> list[Path]:
+    """Figures of one analysis for one run or several runs overlaid / side by side."""
+    fig = getattr(plugin(name), "figures", None)
+    if fig is None:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arg: Any = labelled[0][1] if len(labelled) == 1 else labelled
+    return list(fig(arg, out_dir))

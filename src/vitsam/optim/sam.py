@@ -1,0 +1,276 @@
+"""Sharpness-Aware Minimization (Foret et al., 2021) wrapped around any PyTorch optimiser.
+
+Update rule, for the loss L at weights w with clean gradient g = dL/dw:
+
+    eps    = rho * g / ||g||_2                    (||.||_2 over all perturbed parameters)
+    eps    = rho * w^2 * g / ||w * g||_2          (adaptive=True, ASAM's elementwise |w| scaling)
+    g_sam  = dL/dw evaluated at w + eps
+    w      <- base_optimizer_step(w, g_sam)       (taken from the *restored* weights w)
+
+The weights are restored bit-exactly: the old values are saved before the perturbation and
+copied back, never recovered by subtracting eps (which would drift by float rounding). A zero
+gradient norm gives eps = 0. bf16/fp16 parameters are perturbed through fp32 copies: w + eps is
+computed in fp32 and rounded once; entries whose |eps| is below half a bf16 ulp of w still
+round back to w, which is why fp32 parameters with a bf16 autocast forward are preferred.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """float32 for reductions, float64 when any tensor is float64 (keeps double precision exact)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all ``tensors`` concatenated, as a float32 (float64) scalar tensor, no host sync.
+
+    One fused per-tensor reduction (``torch._foreach_norm``) then one norm of the stacked
+    per-tensor norms. An empty list gives 0.
+    """
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm(tensors, 2, dtype=_norm_dtype(tensors))
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
+def foreach_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Cosine between the concatenations of ``a`` and ``b`` (same shapes pairwise), float32.
+
+    The dot product comes from the polarisation identity a.b = (|a|^2 + |b|^2 - |a-b|^2) / 2,
+    so only fused norm reductions run. Returns NaN when either side is zero.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"foreach_cosine needs equally long lists, got {len(a)} and {len(b)}")
+    if not a:
+        return torch.tensor(float("nan"))
+    na, nb = global_norm(a), global_norm(b)
+    dt = _norm_dtype(a + b)
+    nd = global_norm(torch._foreach_sub([t.to(dt) for t in a], [t.to(dt) for t in b]))
+    dot = 0.5 * (na.square() + nb.square() - nd.square())
+    denom = na * nb
+    return torch.where(denom > 0, dot / denom, torch.full_like(dot, float("nan"))).clamp(-1.0, 1.0)
+
+
+class SAM(Optimizer):
+    """SAM around ``base_optimizer_cls``; the two optimisers share ``param_groups``.
+
+    ``first_step``: w -> w + eps with eps = rho * g / ||g||_2 (adaptive: rho * w^2 g / ||w g||_2),
+    the norm taken over all parameters of groups with rho > 0. ``second_step``: copy the saved w
+    back exactly and step the base optimiser with the gradient computed at w + eps.
+
+    Use either ``step(closure)`` or the explicit two-pass form::
+
+        loss_fn(model(x), y).backward()
+        sam.first_step(zero_grad=True)     # w -> w + eps
+        loss_fn(model(x), y).backward()
+        sam.second_step(zero_grad=True)    # w + eps -> w, then the base optimiser steps
+
+    Each param group may set its own ``rho`` (``rho=0``: never perturbed) and ``adaptive``.
+    An LR scheduler attached to the SAM object drives the base optimiser (shared groups).
+    ``state_dict()`` is the base optimiser's state dict (momenta, Adam moments, groups incl.
+    ``rho``), so it also loads into a plain optimiser of the base class and vice versa.
+
+    Logging signals (float32 scalar tensors, no host sync): ``last_grad_norm`` (clean gradient,
+    all parameters), ``last_eps_norm`` (the perturbation), ``last_grad_cosine`` (clean vs.
+    perturbed gradient, NaN if ``track_cosine=False``, which saves one gradient copy).
+    """
+
+    def __init__(self, params: Iterable[Any], base_optimizer_cls: type[Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, *, track_cosine: bool = True, **base_kwargs: Any) -> None:
+        if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, Optimizer)):
+            raise ValueError(f"base_optimizer_cls must be an optimizer class such as torch.optim.SGD, "
+                             f"got {base_optimizer_cls!r}")
+        if issubclass(base_optimizer_cls, SAM):
+            raise ValueError("base_optimizer_cls cannot be SAM itself; pass e.g. torch.optim.AdamW")
+        _check_rho(rho)
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
+        # Same list object: schedulers and add_param_group see one set of groups.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.track_cosine = track_cosine
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, old value) while perturbed
+        self._clean: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, clean gradient copy)
+        self._pending = False  # first_step done, second_step not yet
+        nan = torch.tensor(float("nan"))
+        self.last_grad_norm = nan
+        self.last_eps_norm = nan
+        self.last_grad_cosine = nan
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults/state/groups; deepcopy/pickle need the base too.
+        return {**super().__getstate__(), "base_optimizer": self.base_optimizer,
+                "track_cosine": self.track_cosine}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._saved, self._clean, self._pending = [], [], False
+        nan = torch.tensor(float("nan"))
+        self.last_grad_norm = self.last_eps_norm = self.last_grad_cosine = nan
+
+    # -- param groups ---------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to SAM and the base optimiser (``rho``/``adaptive`` default to SAM's)."""
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # during SAM.__init__, before the base optimiser exists
+            super().add_param_group(param_group)
+        else:
+            param_group.setdefault("rho", self.defaults["rho"])
+            param_group.setdefault("adaptive", self.defaults["adaptive"])
+            base.add_param_group(param_group)
+        _check_rho(param_group["rho"])
+
+    @property
+    def perturbed(self) -> bool:
+        """True between ``first_step`` and ``restore``/``second_step``."""
+        return bool(self._saved)
+
+    # -- the two passes -------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move every parameter with a gradient from w to w + eps (see module docstring)."""
+        if self._saved:
+            raise RuntimeError("SAM.first_step called twice; call second_step() or restore() in between")
+        params, grads, flags = [], [], []  # flags: (rho, adaptive) per parameter
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("SAM does not support sparse gradients; use dense embeddings")
+                params.append(p)
+                grads.append(p.grad)
+                flags.append((float(group["rho"]), bool(group["adaptive"])))
+        if not params:
+            raise RuntimeError("SAM.first_step found no gradients; call loss.backward() first")
+
+        norms = torch._foreach_norm(grads, 2, dtype=_norm_dtype(grads))
+        device = norms[0].device
+        norms = [n.to(device) for n in norms]
+        self.last_grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+        self._clean = list(zip(params, [g.clone() for g in grads])) if self.track_cosine else []
+        self._pending = True
+
+        idx = [i for i, (rho, _) in enumerate(flags) if rho > 0]
+        if idx:
+            self._perturb([params[i] for i in idx], [grads[i] for i in idx],
+                          [norms[i] for i in idx], [flags[i] for i in idx])
+        else:
+            self.last_eps_norm = torch.zeros((), device=device)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def _perturb(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                 grad_norms: list[torch.Tensor], flags: list[tuple[float, bool]]) -> None:
+        device = grad_norms[0].device
+        # Old weights: fp32 masters for low-precision parameters, exact copies otherwise.
+        olds = [p.detach().float() if p.dtype in _LOW_PRECISION else p.detach().clone() for p in params]
+        # Per-parameter term whose norm sets the scale: g, or |w| * g for adaptive groups.
+        term_norms = list(grad_norms)
+        ada = [k for k, (_, adaptive) in enumerate(flags) if adaptive]
+        if ada:
+            terms = [olds[k].abs() * grads[k].to(olds[k].dtype) for k in ada]
+            ada_norms = torch._foreach_norm(terms, 2, dtype=grad_norms[0].dtype)
+            for k, n in zip(ada, ada_norms):
+                term_norms[k] = n.to(device)
+        total = torch.linalg.vector_norm(torch.stack(term_norms))
+        # Zero norm -> no perturbation instead of 0/0.
+        inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+
+        eps = []
+        for p, g, old, (rho, adaptive) in zip(params, grads, olds, flags):
+            # fp32 arithmetic for bf16/fp16 parameters, the parameter's own precision otherwise
+            e = g.to(torch.float32 if g.dtype in _LOW_PRECISION else g.dtype) * (inv.to(g.device) * rho)
+            eps.append(e * old.square() if adaptive else e)
+        self.last_eps_norm = global_norm(eps)
+        for p, old, e in zip(params, olds, eps):
+            if p.dtype in _LOW_PRECISION:
+                p.copy_(old + e)  # fp32 sum, one rounding to the parameter dtype
+            else:
+                p.add_(e.to(p.dtype))
+        self._saved = list(zip(params, olds))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved weights back (exactly); no optimiser step. No-op when not perturbed."""
+        if self._saved:
+            params, olds = zip(*self._saved)
+            torch._foreach_copy_(list(params), list(olds))
+        self._saved = []
+
+    @torch.no_grad()
+    def base_step(self) -> None:
+        """Step the base optimiser with the current gradients at the current weights."""
+        if self._saved:
+            raise RuntimeError("SAM.base_step called while perturbed; call restore() first")
+        self.base_optimizer.step()
+        self._opt_called = True  # tells an attached LR scheduler that an optimiser step happened
+        self._clean = []
+        self._pending = False
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Record the gradient cosine, restore w exactly, then step the base optimiser."""
+        if not self._pending:
+            raise RuntimeError("SAM.second_step called without first_step")
+        self.last_grad_cosine = self._cosine()
+        self.restore()
+        self.base_step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def _cosine(self) -> torch.Tensor:
+        pairs = [(c, p.grad) for p, c in self._clean if p.grad is not None]
+        if not pairs:
+            return torch.tensor(float("nan"))
+        clean, pert = zip(*pairs)
+        return foreach_cosine(list(clean), list(pert))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """Full SAM step; ``closure`` must zero nothing, run forward + ``backward`` and return the loss.
+
+        If no parameter has a gradient yet, the closure runs first for the clean gradient.
+        Returns the loss at the perturbed weights.
+        """
+        if closure is None:
+            raise ValueError("SAM.step needs a closure that runs forward and backward and returns the "
+                             "loss; or call first_step() and second_step() around your own passes")
+        closure = torch.enable_grad()(closure)
+        if all(p.grad is None for g in self.param_groups for p in g["params"]):
+            closure()
+        self.first_step(zero_grad=True)
+        loss = closure()
+        self.second_step()
+        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimiser's state dict (its state plus the shared groups with rho/adaptive)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from ``state_dict()`` (or from a plain base optimiser)."""
+        self.restore()
+        self._clean = []
+        self._pending = False
+        self.base_optimizer.load_state_dict(state_dict)
+        # load_state_dict builds new group dicts: re-share them and fill SAM keys if absent.
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            group.setdefault("rho", self.defaults["rho"])
+            group.setdefault("adaptive", self.defaults["adaptive"])
+            _check_rho(group["rho"])
+
+
+def _check_rho(rho: Any) -> None:
+    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho >= 0:
+        raise ValueError(f"SAM rho must be a number >= 0 (0 = no perturbation), got {rho!r}")
