@@ -1,9 +1,100 @@
-"""Sub-commands that drive the analysis and evaluation packages: eval, analyze, prune, corrupt."""
+"""Sub-commands that drive the analysis and evaluation packages: analyze, prune, eval, corrupt."""
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any, Callable
+
+
+def _add_analyze(sub: Any) -> None:
+    from .analysis.runner import ANALYSES
+
+    s = sub.add_parser("analyze", help="Hessian, NTK, landscape, sparsity, attention of runs",
+                       description="Analyse one or more run folders. Numbers go to each run's "
+                                   "analysis.json, figures next to it; with several runs, "
+                                   "comparison figures go to --out.")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    for name in ANALYSES:
+        s.add_argument(f"--{name}", action="store_true", help=f"run the {name} analysis")
+    s.add_argument("--all", action="store_true", help="every analysis")
+    s.add_argument("--batches", type=int, default=4, help="batches of data per analysis")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--checkpoint", default="last", help="checkpoint name (default: last)")
+    s.add_argument("--set", nargs="*", default=[], metavar="NAME.KEY=VALUE",
+                   help="analysis settings, e.g. hessian.k=5 landscape.steps=11 ntk.at_init=true")
+    s.add_argument("--out", help="folder for comparison figures (default: <first run>/../compare)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    from .analysis.runner import ANALYSES, Request, analyze, draw, summarize
+
+    names = list(ANALYSES) if args.all else [n for n in ANALYSES if getattr(args, n)]
+    if not names:
+        raise ValueError("choose at least one analysis: " +
+                         " ".join(f"--{n}" for n in ANALYSES) + " (or --all)")
+    if args.batches < 1 or args.batch_size < 1:
+        raise ValueError("--batches and --batch-size must be positive")
+    req = Request(names, args.batches, args.batch_size, args.seed, args.device, args.checkpoint,
+                  list(args.set))
+    per_run = {}
+    for run_dir in args.runs:
+        entries = analyze(run_dir, req, progress=not args.quiet)
+        per_run[run_dir] = entries
+        for name, entry in entries.items():
+            draw(name, [(Path(run_dir).name, entry["result"])], Path(run_dir))
+        print(f"\n{run_dir}")
+        for name, entry in entries.items():
+            print(f"  {name:<10} {summarize(name, entry['result'])}  ({entry['time_s']:.1f}s)")
+        print(f"  -> {Path(run_dir) / 'analysis.json'}")
+    if len(args.runs) > 1:
+        out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare"
+        for name in names:
+            labelled = [(Path(r).name, per_run[r][name]["result"]) for r in args.runs]
+            draw(name, labelled, out)
+        print(f"comparison figures -> {out}")
+
+
+def _add_prune(sub: Any) -> None:
+    s = sub.add_parser("prune", help="remove idle MLP units; writes a new run folder",
+                       description="Structured pruning of MLP hidden units that never activate "
+                                   "on a calibration set (optionally down to a ratio).")
+    s.add_argument("run", metavar="RUN_DIR")
+    s.add_argument("--out", required=True, help="new run folder for the pruned model")
+    s.add_argument("--calib", type=int, default=256, help="calibration images (train split)")
+    s.add_argument("--ratio", type=float, help="also remove the least active units down to "
+                                               "this fraction of all MLP units removed")
+    s.add_argument("--tol", type=float, default=1e-6, help="|activation| below which a unit "
+                                                            "counts as dead")
+    s.add_argument("--finetune-steps", type=int, default=0)
+    s.add_argument("--curve", action="store_true", help="accuracy against fraction removed")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--no-speed", action="store_true", help="skip measuring images/s")
+    s.set_defaults(func=_cmd_prune)
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    from .analysis.prune import DEFAULT_RATIOS, prune_run
+
+    rep = prune_run(args.run, args.out, calib=args.calib, ratio=args.ratio, tol=args.tol,
+                    finetune_steps=args.finetune_steps, batch_size=args.batch_size,
+                    device=args.device, measure_speed=not args.no_speed,
+                    curve_ratios=DEFAULT_RATIOS if args.curve else None)
+    rows = [("parameters", "params_before", "params_after", "{:,.0f}"),
+            ("FLOPs / image", "flops_before", "flops_after", "{:,.0f}"),
+            ("images/s", "images_per_s_before", "images_per_s_after", "{:,.1f}"),
+            ("test accuracy", "test_acc_before", "test_acc_after", "{:.4f}")]
+    print(f"{'':<16} {'before':>16} {'after':>16}")
+    for label, a, b, fmt in rows:
+        if a in rep and b in rep:
+            print(f"{label:<16} {fmt.format(rep[a]):>16} {fmt.format(rep[b]):>16}")
+    print(f"pruned run -> {args.out}")
 
 
 def register_all() -> list[Callable[[Any], None]]:
     """Functions that each add one sub-command to the ``vitsam`` parser."""
-    return []
+    return [_add_analyze, _add_prune]

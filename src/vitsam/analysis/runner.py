@@ -126,3 +126,34 @@ def draw(name: str, labelled: list[tuple[str, dict[str, Any]]], out_dir: Path) -
     out_dir.mkdir(parents=True, exist_ok=True)
     arg: Any = labelled[0][1] if len(labelled) == 1 else labelled
     return list(fig(arg, out_dir))
+
+
+def summarize(name: str, r: dict[str, Any]) -> str:
+    """One line of the headline numbers of a result, for the terminal."""
+    if r.get("supported") is False:
+        return f"not applicable: {r.get('reason', '')}"
+    if name == "hessian":
+        line = f"lambda_max={r['lambda_max']:.4g}"
+        if len(r.get("top_eigenvalues", [])) > 1:
+            line += " top=" + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"])
+        if "trace" in r:
+            line += f" trace={r['trace']['estimate']:.4g}+-{r['trace']['stderr']:.2g}"
+        return line + f" loss={r['loss']:.4f}"
+    if name == "ntk":
+        kappa = r.get("kappa_mean", r.get("kappa"))
+        spread = f"+-{r['kappa_std']:.3g}" if "kappa_std" in r else ""
+        return f"kappa={kappa:.5g}{spread} ({r.get('convention', '?')} convention)"
+    if name == "landscape":
+        flat = [v for row in (r["loss"] if isinstance(r["loss"][0], list) else [r["loss"]])
+                for v in row if v is not None]
+        return (f"centre loss={r['center_loss']:.4f} acc={r['center_accuracy']:.3f}; "
+                f"max loss on grid={max(flat):.4g}")
+    if name == "sparsity":
+        return "; ".join(f"{k}: {v['ever_active_pct']:.1f}% ever active, "
+                         f"{v['mean_active_pct_per_image']:.1f}% per image"
+                         for k, v in r["by_kind"].items())
+    if name == "attention":
+        per_block = ", ".join(f"{v:.3f}" for v in r["entropy_per_block"])
+        return (f"class-token entropy per block (nats, max {r['max_entropy']:.3f}): {per_block}; "
+                f"rollout {r.get('entropy_rollout', float('nan')):.3f}")
+    return ""
