@@ -1,0 +1,57 @@
+"""The command line end to end on smoke sizes, and its one-line errors."""
+import json
+
+import pytest
+
+from vitsam.cli import main
+
+
+def test_models_lists_names_counts_and_sizes(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "vit-b16" in out and "86.6M" in out and "resnet152x2" in out and "236.3M" in out
+
+
+def test_demo_smoke_trains_four_runs_and_prints_a_table(tmp_path, capsys) -> None:
+    assert main(["demo", "--smoke", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("mnist-vit-smoke", "mnist-vit-sam-smoke", "mnist-resnet-smoke",
+                 "mnist-resnet-sam-smoke"):
+        assert name in out
+    finals = sorted(tmp_path.glob("*/final.json"))
+    assert len(finals) == 4
+    assert {json.loads(f.read_text())["sam"] for f in finals} == {True, False}
+
+
+def test_train_analyze_prune_chain(tmp_path, capsys) -> None:
+    run = tmp_path / "vit"
+    assert main(["train", "--preset", "mnist-vit-sam", "--smoke", "--quiet", "--run-dir", str(run),
+                 "model.kwargs.depth=2"]) == 0
+    assert main(["analyze", str(run), "--hessian", "--sparsity", "--attention", "--quiet",
+                 "--batches", "1", "--batch-size", "16", "--set", "hessian.trace_probes=0"]) == 0
+    result = json.loads((run / "analysis.json").read_text())
+    assert result["hessian"]["result"]["lambda_max"] > 0
+    assert len(result["sparsity"]["result"]["layers"]) == 2  # one MLP per block, depth 2
+    assert len(result["attention"]["result"]["entropy_per_block"]) == 2
+    assert (run / "hessian_top_eigenvalues.png").exists() and (run / "sparsity.png").exists()
+    out = capsys.readouterr().out
+    assert "lambda_max=" in out and "analysis.json" in out
+    assert main(["prune", str(run), "--out", str(tmp_path / "pruned"), "--calib", "32",
+                 "--no-speed"]) == 0
+    assert (tmp_path / "pruned" / "prune.json").exists()
+    assert main(["analyze", str(tmp_path / "pruned"), "--sparsity", "--quiet", "--batches", "1",
+                 "--batch-size", "8"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "mnist-vit-sma"], "unknown preset 'mnist-vit-sma' (did you mean"),
+    (["train", "--preset", "mnist-vit", "train.epoch=3"], "did you mean train.epochs"),
+    (["train", "--preset", "mnist-vit", "model.name=vit-x99"], "unknown model 'vit-x99'"),
+    (["train", "--preset", "mnist-vit", "optim.rho=-1", "optim.sam=true"], "optim.rho must be > 0"),
+    (["analyze", "/nonexistent/run", "--hessian"], "does not exist"),
+    (["analyze", "/tmp", "--set", "hessian.k=2"], "choose at least one analysis"),
+])
+def test_bad_input_gives_one_line_errors(argv, message, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
