@@ -185,10 +185,9 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     model.train()
     while step < timeline.total_steps:
         epoch, skip = divmod(step, timeline.steps_per_epoch)
-        for i, (x, y) in enumerate(train_batches(bundle, t.batch_size, epoch=epoch, seed=t.seed,
-                                                 device=device)):
-            if i < skip:  # resuming mid-epoch: the epoch's batch order is fixed by its seed
-                continue
+        # Resuming mid-epoch skips the batches already seen (the epoch's order is seeded).
+        for x, y in train_batches(bundle, t.batch_size, epoch=epoch, seed=t.seed, device=device,
+                                  start_batch=skip):
             meter.add(train_step(model, criterion, x, y, optimizer, scheduler, scaler, step_cfg))
             step += 1
             bar.update(1)

@@ -1,0 +1,68 @@
+"""On-disk cache of decoded uint8 image tensors, keyed by the content of the source.
+
+Keys: for files whose bytes are read anyway (CIFAR pickles, the CIFAR-10 tarball) the sha256 of
+their bytes; for ImageFolder trees the sha256 of the sorted list of (relative path, size in bytes,
+mtime in ns) of every image, which changes whenever a file is added, removed, replaced or touched
+without reading 60,000 files. The cache format version and the decode settings are part of the
+key. Entries are written to a temporary file and renamed into place, so a crash or a concurrent
+writer never leaves a half-written entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+CACHE_VERSION = 1
+
+
+def file_digest(paths: Sequence[str | Path]) -> str:
+    """sha256 (hex) over the names and bytes of ``paths``, in the given order."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    for p in paths:
+        p = Path(p)
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def listing_digest(root: str | Path, files: Iterable[str | Path], extra: str = "") -> str:
+    """sha256 (hex) over (path relative to ``root``, size, mtime_ns) of each file, sorted by path."""
+    root = Path(root)
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{extra}".encode())
+    for p in sorted(str(f) for f in files):
+        st = os.stat(p)
+        h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, name: str, key: str) -> Path:
+    """Where the entry ``name`` with content key ``key`` lives."""
+    return Path(cache_dir) / "tensors" / f"{name}-{key[:24]}.pt"
+
+
+def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[], dict]) -> dict:
+    """Return the cached dict of tensors/strings for (name, key), building and storing it if absent.
+
+    An unreadable entry (e.g. from an older torch) is rebuilt rather than trusted.
+    """
+    path = cache_path(cache_dir, name, key)
+    if path.exists():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any unreadable entry is simply rebuilt
+            pass
+    data = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return data

@@ -1,0 +1,57 @@
+"""Data configuration: which source, at what size, with which augmentation."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+
+SOURCES = ("mnist5k", "digits", "cifar10-shared", "imagefolder", "cifar10", "cifar100")
+AUGMENTS = ("none", "basic", "strong")
+DEFAULT_CACHE_DIR = "~/.cache/vitsam"
+CACHE_ENV = "VITSAM_CACHE"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Settings of one data set.
+
+    source: ``mnist5k`` (embedded MNIST subset, default), ``digits`` (sklearn 8x8 digits),
+    ``cifar10-shared`` (the CIFAR-10 JPEG tarball in ``../shared/data``), ``imagefolder``
+    (``root/train/<class>/*`` and ``root/<val_split>/<class>/*``), ``cifar10`` / ``cifar100``
+    (the python-pickle folders). ``img_size=None`` keeps the native size of the source (224 for
+    large-image folders). ``train_fraction`` keeps a seeded, stratified share of the training set.
+    ``augment``: ``none``, ``basic`` (crop + flip) or ``strong`` (basic + RandAugment(2, 15) +
+    Mixup(0.5)). ``cache_dir`` is replaced by ``$VITSAM_CACHE`` when left at its default.
+    ``workers``: DataLoader worker processes for large-image folders (0 = decode in-process).
+    """
+
+    source: str = "mnist5k"
+    root: str | None = None
+    img_size: int | None = None
+    train_fraction: float = 1.0
+    augment: str = "basic"
+    seed: int = 0
+    cache_dir: str = DEFAULT_CACHE_DIR
+    val_split: str = "val"
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise DataError(f"unknown data source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.augment not in AUGMENTS:
+            raise DataError(f"unknown augment {self.augment!r}; choose one of {', '.join(AUGMENTS)}")
+        if not (0.0 < float(self.train_fraction) <= 1.0):
+            raise DataError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 1):
+            raise DataError(f"img_size must be a positive integer or None, got {self.img_size!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise DataError(f"workers must be a non-negative integer, got {self.workers!r}")
+
+
+def resolve_cache_dir(cache_dir: str = DEFAULT_CACHE_DIR) -> Path:
+    """The cache folder: ``$VITSAM_CACHE`` when ``cache_dir`` is the default, else ``cache_dir``."""
+    if cache_dir == DEFAULT_CACHE_DIR and os.environ.get(CACHE_ENV):
+        cache_dir = os.environ[CACHE_ENV]
+    return Path(cache_dir).expanduser()

@@ -1,0 +1,486 @@
+"""Corruption benchmarks (ImageNet-C / CIFAR-10-C style) built from any set of images.
+
+``build_corruption_set`` applies the 15 standard corruptions (optionally also the 4 held-out
+ones) at severities 1-5 and stores one uint8 ``.npy`` array per (corruption, severity) next to
+``labels.npy``, ``clean.npy`` and a ``manifest.json`` with checksums. ``iter_corruption_set``
+reads it back for evaluation (``vitsam.eval.robustness``).
+
+Parameter sets: ``"imagenet-c"`` uses the library ``imagecorruptions`` (fork
+``imagecorruptions-imaug``) with its defaults; ``"cifar-c"`` uses CIFAR-10-C's milder constants
+(``vitsam.data.cifar_c``). ImageNet-C's constants are meant for 224 px images; on 32 px images
+most corruptions destroy the content at severity 3 and above, so use ``"cifar-c"`` there.
+
+Determinism: every image is corrupted with its own seed, drawn from
+``SeedSequence([seed, corruption number, severity, image index])``, so the result depends
+neither on the number of workers nor on the chunking nor on what was built before. The library
+draws from NumPy's global generator (seeded before each image), except glass blur, whose pixel
+shuffle runs in numba with a generator of its own, and impulse noise, which uses scikit-image's
+``rng`` argument: both receive the same per-image seed explicitly (the library's default would
+be a fresh unseeded generator, which makes re-runs differ).
+
+Small and greyscale images. The library refuses images under 32 px and works on RGB only:
+
+* greyscale (C=1) images are replicated to three channels, corrupted, and converted back by
+  luminance (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B); colourless corruptions therefore
+  give back exactly the single-channel result, and coloured ones (frost, spatter) keep their
+  brightness.
+* an image with a side under 32 px is reflect-padded to 32 px, corrupted, and centre-cropped
+  back. Padding keeps the original pixel grid: the clean pixels are not resampled (an up/down
+  resize would blur every image, even before any corruption, and confound the blur
+  corruptions), and noise, blur radii and JPEG blocks act on native pixels. Corruptions with
+  global statistics (contrast mean, fog maximum) see the reflected border too, which for the
+  2-4 px of a 28 px image changes them very little.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import multiprocessing as mp
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..io import atomic_write_json, sha256_file
+from . import cifar_c
+
+FORMAT = "vitsam-corruptions/1"
+PARAM_SETS = ("imagenet-c", "cifar-c")
+STANDARD = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+ALL_CORRUPTIONS = STANDARD + EXTRA
+SEVERITIES = (1, 2, 3, 4, 5)
+MIN_SIDE = 32  # the library's smallest accepted side
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
+_SEEDED_IN_LIBRARY = ("glass_blur", "impulse_noise")  # library functions with their own generators
+_CHUNK_BYTES = 4 << 20  # images sent to a worker at a time, about 4 MB
+SMALL_IMAGE_POLICY = (f"sides under {MIN_SIDE} px reflect-padded to {MIN_SIDE}, corrupted, centre-cropped back; "
+                      "greyscale replicated to RGB, corrupted, converted back by BT.601 luminance")
+
+
+class CorruptionSetError(ValueError):
+    """A corruption set that cannot be built or read; the message names the problem and the fix."""
+
+
+def library_version() -> str:
+    """Installed version of the corruption library (recorded in manifests and results)."""
+    for dist in ("imagecorruptions-imaug", "imagecorruptions"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "imagecorruptions (unknown version)"
+
+
+def corruption_names(corruptions: Iterable[str] | None = None, extra: bool = False) -> list[str]:
+    """Validated corruption names in canonical order (the 15 standard ones by default)."""
+    if corruptions is None:
+        return list(STANDARD + (EXTRA if extra else ()))
+    names = [corruptions] if isinstance(corruptions, str) else list(corruptions)
+    unknown = [n for n in names if n not in ALL_CORRUPTIONS]
+    if unknown:
+        raise CorruptionSetError(f"unknown corruption(s) {', '.join(map(repr, unknown))}; "
+                                 f"choose from {', '.join(ALL_CORRUPTIONS)}")
+    if extra:
+        names += [n for n in EXTRA if n not in names]
+    return [n for n in ALL_CORRUPTIONS if n in names]
+
+
+def _check_params(params: str) -> str:
+    if params not in PARAM_SETS:
+        raise CorruptionSetError(f"unknown parameter set {params!r}; choose one of {', '.join(PARAM_SETS)}")
+    return params
+
+
+def _check_severities(severities: Iterable[int]) -> list[int]:
+    sev = sorted({int(s) for s in severities})
+    if not sev or any(s not in SEVERITIES for s in sev):
+        raise CorruptionSetError(f"severities must be a non-empty subset of 1..5, got {list(severities)}")
+    return sev
+
+
+def _check_seed(seed: int) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise CorruptionSetError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def image_seed(seed: int, corruption: str, severity: int, index: int) -> int:
+    """The 32-bit seed of image ``index`` under (corruption, severity) for a set seeded ``seed``."""
+    ss = np.random.SeedSequence([seed, ALL_CORRUPTIONS.index(corruption), severity, index])
+    return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def _rgb_corrupt(rgb: np.ndarray, corruption: str, severity: int, params: str, seed: int) -> np.ndarray:
+    """Corrupt an RGB uint8 (H, W, 3) image with both sides >= 32; uint8 (H, W, 3)."""
+    if params == "cifar-c":
+        return cifar_c.apply(rgb, severity, corruption, seed)
+    from imagecorruptions import corrupt
+
+    np.random.seed(seed)
+    kwargs = {"seed": seed} if corruption in _SEEDED_IN_LIBRARY else {}
+    return corrupt(rgb, severity=severity, corruption_name=corruption, **kwargs)
+
+
+def _as_chw_uint8(image: Any, what: str = "image") -> np.ndarray:
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise CorruptionSetError(f"{what} must be uint8 (0-255), got {arr.dtype}; convert with "
+                                 "(x * 255).round().to(torch.uint8) or keep the decoded bytes")
+    return arr
+
+
+def corrupt_image(image: np.ndarray | torch.Tensor, corruption: str, severity: int,
+                  params: str = "imagenet-c", seed: int = 0) -> np.ndarray:
+    """Corrupt one uint8 image (C, H, W), C = 1 or 3, any size; returns uint8 (C, H, W).
+
+    ``seed`` is this image's own seed (``image_seed`` gives the one a set uses). Small and
+    greyscale images are handled as described in the module docstring.
+    """
+    arr = _as_chw_uint8(image)
+    if arr.ndim != 3 or arr.shape[0] not in (1, 3):
+        raise CorruptionSetError(f"image must have shape (C, H, W) with C = 1 or 3, got {tuple(arr.shape)}")
+    if corruption not in ALL_CORRUPTIONS:
+        corruption_names([corruption])  # raises the one-line error
+    if severity not in SEVERITIES:
+        raise CorruptionSetError(f"severity must be one of 1..5, got {severity!r}")
+    _check_params(params)
+    c, h, w = arr.shape
+    hwc = np.ascontiguousarray(arr.transpose(1, 2, 0))
+    rgb = np.repeat(hwc, 3, axis=2) if c == 1 else hwc
+    ph, pw = max(0, MIN_SIDE - h), max(0, MIN_SIDE - w)
+    if ph or pw:
+        rgb = np.pad(rgb, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+    out = np.asarray(_rgb_corrupt(rgb, corruption, severity, params, seed))
+    out = out[ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+    if c == 1:
+        luma = out.astype(np.float64) @ np.array(LUMA)
+        out = np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+    return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- workers
+
+_WORKER_IMAGES: np.ndarray | None = None
+
+
+def _init_worker(clean_path: str) -> None:
+    """Pool initialiser: memory-map the clean images; one thread per process (no oversubscription)."""
+    global _WORKER_IMAGES
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER_IMAGES = np.load(clean_path, mmap_mode="r")
+
+
+def _corrupt_chunk(images: np.ndarray, start: int, corruption: str, severity: int,
+                   params: str, seed: int) -> np.ndarray:
+    """Corrupt ``images`` (n, C, H, W), which sit at ``start`` in the set; uint8 (n, C, H, W)."""
+    out = np.empty(images.shape, dtype=np.uint8)
+    for i in range(images.shape[0]):
+        out[i] = corrupt_image(images[i], corruption, severity, params,
+                               image_seed(seed, corruption, severity, start + i))
+    return out
+
+
+def _worker_task(task: tuple[str, int, int, int, str, int]) -> tuple[str, int, int, np.ndarray]:
+    corruption, severity, start, stop, params, seed = task
+    assert _WORKER_IMAGES is not None
+    return corruption, severity, start, _corrupt_chunk(
+        np.asarray(_WORKER_IMAGES[start:stop]), start, corruption, severity, params, seed)
+
+
+# ---------------------------------------------------------------- files
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> str:
+    """Write ``arr`` as .npy through a temporary file and a rename; returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, arr)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sha256_file(path)
+
+
+def part_file(corruption: str, severity: int) -> str:
+    """Relative path of one (corruption, severity) array inside a set folder."""
+    return f"{corruption}/{severity}.npy"
+
+
+def _fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([list(images.shape), str(images.dtype)]).encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        man = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CorruptionSetError(f"{path} is damaged; delete the folder {out_dir} and build again") from None
+    if man.get("format") != FORMAT:
+        raise CorruptionSetError(f"{out_dir} is not a vitsam corruption set (format {man.get('format')!r}); "
+                                 "choose another out_dir")
+    return man
+
+
+def _part_done(out_dir: Path, man: dict[str, Any], corruption: str, severity: int) -> bool:
+    entry = man["parts"].get(corruption, {}).get(str(severity))
+    path = out_dir / part_file(corruption, severity)
+    return bool(entry) and path.exists() and sha256_file(path) == entry["sha256"]
+
+
+# ---------------------------------------------------------------- build
+
+def build_corruption_set(
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor | Sequence[int],
+    out_dir: str | Path,
+    params: str = "imagenet-c",
+    corruptions: Iterable[str] | None = None,
+    severities: Iterable[int] = SEVERITIES,
+    extra: bool = False,
+    seed: int = 0,
+    workers: int = 2,
+    progress: bool = True,
+    source: str | None = None,
+) -> Path:
+    """Build (or finish) a corruption benchmark of ``images`` uint8 (N, C, H, W) in ``out_dir``.
+
+    Writes ``clean.npy`` (N, C, H, W), ``labels.npy`` int64 (N,), one ``<corruption>/<severity>.npy``
+    uint8 (N, C, H, W) per part, and ``manifest.json`` (parameter set, seed, shapes, sha256 per
+    file, library version, ``source`` description). Each part is written atomically and recorded
+    in the manifest as soon as it is complete, so an interrupted build resumes: a re-run (also one
+    asking for more corruptions or severities) skips every part whose file matches its recorded
+    checksum. ``workers`` >= 2 corrupts in that many processes; 0 or 1 works in this process.
+    Returns ``out_dir``.
+    """
+    params = _check_params(params)
+    names = corruption_names(corruptions, extra)
+    sev = _check_severities(severities)
+    seed = _check_seed(seed)
+    if not isinstance(workers, int) or workers < 0:
+        raise CorruptionSetError(f"workers must be a non-negative integer, got {workers!r}")
+    imgs = _as_chw_uint8(images, "images")
+    if imgs.ndim != 4 or imgs.shape[1] not in (1, 3) or imgs.shape[0] == 0:
+        raise CorruptionSetError(f"images must have shape (N, C, H, W) with N > 0 and C = 1 or 3, "
+                                 f"got {tuple(imgs.shape)}")
+    labs = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if labs.ndim != 1 or labs.shape[0] != imgs.shape[0] or not np.issubdtype(labs.dtype, np.integer):
+        raise CorruptionSetError(f"labels must be integers of shape ({imgs.shape[0]},), got "
+                                 f"{labs.dtype} {tuple(labs.shape)}")
+    labs = labs.astype(np.int64)
+    imgs = np.ascontiguousarray(imgs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    fingerprint = _fingerprint(imgs, labs)
+    settings = {"params": params, "seed": seed, "source_sha256": fingerprint}
+    man = _read_manifest(out)
+    if man is not None:
+        old = {k: man.get(k) for k in ("params", "seed")} | {"source_sha256": man.get("source", {}).get("sha256")}
+        if old != settings:
+            diff = ", ".join(f"{k}: {old[k]!r} there, {settings[k]!r} now" for k in settings if old[k] != settings[k])
+            raise CorruptionSetError(f"{out} holds a corruption set built with other settings ({diff}); "
+                                     "choose a new out_dir or delete that folder")
+    else:
+        n, c, h, w = imgs.shape
+        man = {
+            "format": FORMAT,
+            "params": params,
+            "seed": seed,
+            "library": library_version(),
+            "small_image_policy": SMALL_IMAGE_POLICY,
+            "source": {"description": source or f"{n} images of shape {c}x{h}x{w}", "sha256": fingerprint},
+            "n": n,
+            "image_shape": [c, h, w],
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "clean": {"file": "clean.npy"},
+            "labels": {"file": "labels.npy"},
+            "parts": {},
+        }
+    for key, arr in (("clean", imgs), ("labels", labs)):
+        path = out / man[key]["file"]
+        if not (path.exists() and man[key].get("sha256") == sha256_file(path)):
+            man[key]["sha256"] = _save_npy_atomic(path, arr)
+    man["requested"] = {"corruptions": names, "severities": sev}
+    man["complete"] = False
+    atomic_write_json(out / "manifest.json", man)
+
+    todo = [(c_, s) for c_ in names for s in sev if not _part_done(out, man, c_, s)]
+    for c_, s in todo:  # a damaged or half-recorded part is no longer listed until it is rebuilt
+        man["parts"].get(c_, {}).pop(str(s), None)
+    n = imgs.shape[0]
+    chunk = max(1, min(256, _CHUNK_BYTES // max(1, imgs[0].nbytes)))
+    tasks = [(c_, s, a, min(a + chunk, n), params, seed) for c_, s in todo for a in range(0, n, chunk)]
+    pending: dict[tuple[str, int], list[Any]] = {}  # part -> [array, images still missing]
+
+    def finish(corruption: str, severity: int, start: int, arr: np.ndarray) -> None:
+        slot = pending.setdefault((corruption, severity), [np.empty_like(imgs), n])
+        slot[0][start:start + arr.shape[0]] = arr
+        slot[1] -= arr.shape[0]
+        bar.update(arr.shape[0])
+        if slot[1] == 0:
+            digest = _save_npy_atomic(out / part_file(corruption, severity), slot[0])
+            man["parts"].setdefault(corruption, {})[str(severity)] = {
+                "file": part_file(corruption, severity), "sha256": digest}
+            atomic_write_json(out / "manifest.json", man)
+            del pending[(corruption, severity)]
+
+    bar = tqdm(total=len(todo) * n, desc=f"corrupt ({params})", unit="img", disable=not progress)
+    state = np.random.get_state()  # the library seeds NumPy's global generator; leave the caller's alone
+    try:
+        with bar:
+            if tasks and workers >= 2:
+                # Not fork: OpenCV's and OpenMP's thread pools in this process can hold locks at
+                # fork time and leave forked workers waiting forever.
+                ctx = mp.get_context("spawn")
+                with ctx.Pool(workers, initializer=_init_worker,
+                              initargs=(str(out / man["clean"]["file"]),)) as pool:
+                    for corruption, severity, start, arr in pool.imap_unordered(_worker_task, tasks):
+                        finish(corruption, severity, start, arr)
+            else:
+                for corruption, severity, start, stop, _, _ in tasks:
+                    finish(corruption, severity, start,
+                           _corrupt_chunk(imgs[start:stop], start, corruption, severity, params, seed))
+    finally:
+        np.random.set_state(state)
+
+    done = {c_: sorted(int(s) for s in man["parts"][c_]) for c_ in ALL_CORRUPTIONS if c_ in man["parts"]}
+    man["corruptions"] = list(done)
+    man["severities"] = sorted({s for v in done.values() for s in v})
+    man["complete"] = all(str(s) in man["parts"].get(c_, {}) for c_ in names for s in sev)
+    atomic_write_json(out / "manifest.json", man)
+    return out
+
+
+# ---------------------------------------------------------------- read
+
+def load_corruption_set(set_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a corruption set folder (raises a one-line error if it is not one)."""
+    set_dir = Path(set_dir)
+    if not set_dir.is_dir():
+        raise CorruptionSetError(f"corruption set folder {set_dir} does not exist; build it with build_corruption_set")
+    man = _read_manifest(set_dir)
+    if man is None:
+        raise CorruptionSetError(f"{set_dir} has no manifest.json; build it with build_corruption_set")
+    return man
+
+
+def _load_checked(set_dir: Path, entry: dict[str, Any], verify: bool) -> np.ndarray:
+    path = set_dir / entry["file"]
+    if not path.exists():
+        raise CorruptionSetError(f"{path} is missing; re-run build_corruption_set on {set_dir} to restore it")
+    if verify and sha256_file(path) != entry.get("sha256"):
+        raise CorruptionSetError(f"{path} does not match its checksum; re-run build_corruption_set on {set_dir}")
+    return np.load(path)
+
+
+def load_clean_set(set_dir: str | Path, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uncorrupted images uint8 (N, C, H, W) and labels int64 (N,) of a set."""
+    set_dir = Path(set_dir)
+    man = load_corruption_set(set_dir)
+    return (torch.from_numpy(_load_checked(set_dir, man["clean"], verify)),
+            torch.from_numpy(_load_checked(set_dir, man["labels"], verify)).long())
+
+
+def iter_corruption_set(
+    set_dir: str | Path,
+    corruptions: Iterable[str] | None = None,
+    severities: Iterable[int] | None = None,
+    verify: bool = True,
+) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(corruption, severity, images uint8 (N, C, H, W), labels int64 (N,))`` per built part.
+
+    Parts come in canonical corruption order, severities ascending; ``verify`` checks each
+    file's sha256 against the manifest first.
+    """
+    set_dir = Path(set_dir)
+    man = load_corruption_set(set_dir)
+    wanted = None if corruptions is None else set(corruption_names(corruptions))
+    sev_wanted = None if severities is None else set(_check_severities(severities))
+    labels = torch.from_numpy(_load_checked(set_dir, man["labels"], verify)).long()
+    for corruption in ALL_CORRUPTIONS:
+        if corruption not in man["parts"] or (wanted is not None and corruption not in wanted):
+            continue
+        for severity in sorted(int(s) for s in man["parts"][corruption]):
+            if sev_wanted is not None and severity not in sev_wanted:
+                continue
+            arr = _load_checked(set_dir, man["parts"][corruption][str(severity)], verify)
+            yield corruption, severity, torch.from_numpy(arr), labels
+
+
+# ---------------------------------------------------------------- figure
+
+def contact_sheet(
+    image: np.ndarray | torch.Tensor,
+    out_path: str | Path,
+    params: str = "imagenet-c",
+    corruptions: Iterable[str] | None = None,
+    severities: Iterable[int] = SEVERITIES,
+    extra: bool = False,
+    seed: int = 0,
+) -> Path:
+    """PNG of one uint8 image (C, H, W): clean first, then every corruption (rows) x severity (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arr = _as_chw_uint8(image)
+    if arr.ndim != 3 or arr.shape[0] not in (1, 3):
+        raise CorruptionSetError(f"image must have shape (C, H, W) with C = 1 or 3, got {tuple(arr.shape)}")
+    names = corruption_names(corruptions, extra)
+    sev = _check_severities(severities)
+    _check_params(params)
+    grey = arr.shape[0] == 1
+
+    def show(ax: Any, chw: np.ndarray) -> None:
+        ax.imshow(chw[0] if grey else chw.transpose(1, 2, 0), cmap="gray" if grey else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    fig, axes = plt.subplots(len(names), len(sev) + 1, figsize=(1.3 * (len(sev) + 1), 1.3 * len(names)),
+                             squeeze=False)
+    state = np.random.get_state()
+    try:
+        for r, name in enumerate(names):
+            show(axes[r, 0], arr)
+            axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+            for j, s in enumerate(sev):
+                show(axes[r, j + 1], corrupt_image(arr, name, s, params, image_seed(seed, name, s, 0)))
+                if r == 0:
+                    axes[r, j + 1].set_title(f"severity {s}", fontsize=8)
+    finally:
+        np.random.set_state(state)
+    axes[0, 0].set_title("clean", fontsize=8)
+    fig.suptitle(f"corruptions ({params})", fontsize=10)
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

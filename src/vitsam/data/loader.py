@@ -1,0 +1,155 @@
+"""Training and evaluation batches: normalised float tensors on the device.
+
+Training batches are a pure function of (data, seed, epoch): a ``torch.Generator`` seeded from
+(seed, epoch) draws the shuffle order and one seed per batch, and each batch's augmentation draws
+come from its own generator, so a resumed run sees exactly the batches it would have seen (and can
+jump to batch k without computing the earlier ones); the global RNG is never used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import lazy
+from .augment import AUGMENTS_WITH_CROP, augment_uint8, crop_padding, draw_seed, mixup
+from .config import AUGMENTS
+from .errors import DataError
+from .tensors import DataBundle, ImageFiles, ImageTensors
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, epoch) through numpy's SeedSequence hashing."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def resize_center_crop(x: Tensor, size: int) -> Tensor:
+    """Resize float (B, C, H, W) so its shorter side is ``size`` (bilinear, antialiased), crop the centre square."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float], img_size: int) -> Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, img_size, img_size), ``(x / 255 - mean) / std`` per channel."""
+    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
+        raise DataError(f"mean/std have {len(mean)}/{len(std)} entries for {x.shape[1]} channels; pass per-channel stats")
+    x = resize_center_crop(x.float(), img_size)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    return (x - m) / s
+
+
+def _check_batch_size(n: int, batch_size: int, drop_last: bool) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if drop_last and batch_size > n:
+        raise DataError(f"batch_size {batch_size} exceeds the {n} training images, so drop_last leaves no "
+                        "batch; lower batch_size or raise train_fraction")
+
+
+def steps_per_epoch(bundle: DataBundle, batch_size: int, drop_last: bool = True) -> int:
+    """Optimiser steps in one epoch of ``train_batches`` with this ``batch_size``."""
+    n = len(bundle.train)
+    _check_batch_size(n, batch_size, drop_last)
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def train_batches(
+    bundle: DataBundle,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    augment: str | None = None,
+    drop_last: bool = True,
+    start_batch: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of shuffled, augmented training batches.
+
+    Yields x float32 (B, C, img_size, img_size) normalised with the bundle's stats, and y int64 (B,)
+    or, with ``augment="strong"`` (Mixup), float32 (B, num_classes) soft targets summing to 1.
+    ``augment`` defaults to the bundle's config. Small images: pad-and-crop (pad = size/8) and,
+    when ``bundle.hflip``, a horizontal flip, at native size, then resize to ``img_size``. Large
+    images: Inception crop per image, then the flip.
+
+    The epoch generator fixes the order and one seed per batch, so ``start_batch=k`` yields
+    exactly the batches k, k+1, ... of the full epoch without computing the first k (resuming).
+    """
+    augment = bundle.config.augment if augment is None else augment
+    if augment not in AUGMENTS:
+        raise DataError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    data, n = bundle.train, len(bundle.train)
+    _check_batch_size(n, batch_size, drop_last)
+    gen = epoch_generator(seed, epoch)
+    perm = torch.randperm(n, generator=gen)
+    stop = n - n % batch_size if drop_last else n
+    starts = range(0, stop, batch_size)
+    batch_seeds = torch.randint(0, 2**62, (len(starts),), generator=gen).tolist()
+    if not 0 <= start_batch <= len(starts):
+        raise DataError(f"start_batch must be in [0, {len(starts)}] for this epoch, got {start_batch}")
+    strong, crops = augment == "strong", augment in AUGMENTS_WITH_CROP
+
+    if isinstance(data, ImageFiles):
+        sample_seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()
+        order = perm.tolist()
+        batches = [[(order[i], sample_seeds[i]) for i in range(s, min(s + batch_size, stop))]
+                   for s in starts[start_batch:]]
+        tf = lazy.train_transform(bundle.img_size) if crops else lazy.eval_transform(bundle.img_size)
+        source = lazy.file_batches(data, batches, tf, bundle.img_size)
+        pad = 0
+    elif isinstance(data, ImageTensors):
+        source = ((data.images[perm[s:s + batch_size]], data.labels[perm[s:s + batch_size]])
+                  for s in starts[start_batch:])
+        pad = crop_padding(min(data.images.shape[-2:])) if crops else 0
+    else:
+        raise DataError(f"bundle.train must be ImageTensors or ImageFiles, got {type(data).__name__}")
+
+    for b, (xb, yb) in enumerate(source, start=start_batch):
+        bgen = torch.Generator().manual_seed(batch_seeds[b])
+        x = xb.to(device, non_blocking=True)
+        y = yb.to(device, non_blocking=True)
+        x = augment_uint8(x, bgen, pad=pad, hflip=crops and bundle.hflip, randaugment=strong)
+        x = normalise(x, bundle.mean, bundle.std, bundle.img_size)
+        if strong:
+            x, y = mixup(x, y, bundle.num_classes, draw_seed(bgen))
+        yield x, y
+
+
+def eval_batches(
+    tensors_or_dataset: ImageTensors | ImageFiles,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_size: int,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches in order, no augmentation: x float32 (B, C, img_size, img_size) normalised, y int64 (B,).
+
+    Small images are resized (bilinear, antialiased) to ``img_size`` when needed; large ones are
+    resized to ``img_size / 0.875`` and centre-cropped.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    data = tensors_or_dataset
+    n = len(data)
+    if isinstance(data, ImageFiles):
+        batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        source = lazy.file_batches(data, batches, lazy.eval_transform(img_size), img_size)
+    elif isinstance(data, ImageTensors):
+        source = ((data.images[s:s + batch_size], data.labels[s:s + batch_size]) for s in range(0, n, batch_size))
+    else:
+        raise DataError(f"eval_batches needs ImageTensors or ImageFiles, got {type(data).__name__}")
+    for xb, yb in source:
+        yield normalise(xb.to(device, non_blocking=True), mean, std, img_size), yb.to(device, non_blocking=True)
