@@ -23,7 +23,7 @@ def _add_analyze(sub: Any) -> None:
     s.add_argument("--device", default="cpu")
     s.add_argument("--checkpoint", default="last", help="checkpoint name (default: last)")
     s.add_argument("--set", nargs="*", default=[], metavar="NAME.KEY=VALUE",
-                   help="analysis settings, e.g. hessian.k=5 landscape.steps=11 ntk.at_init=true")
+                   help="analysis settings, e.g. hessian.k=5 landscape.steps=11 ntk.seeds=[0,1,2]")
     s.add_argument("--out", help="folder for comparison figures (default: <first run>/../compare)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_analyze)

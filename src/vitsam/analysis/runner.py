@@ -19,7 +19,7 @@ from ..config import apply_overrides, to_dict
 from ..data import DataConfig, build_data, eval_batches
 from ..data.sample import random_subset
 from ..io import atomic_write_json, read_json
-from ..train.checkpoint import LoadedRun, load_run
+from ..train.checkpoint import load_run
 
 # name -> (config class, split the data comes from)
 ANALYSES: dict[str, tuple[str, str]] = {
@@ -82,25 +82,12 @@ def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[st
         cfg = plugin_config(name, req.settings, mean=bundle.mean, std=bundle.std,
                             progress=progress)
         t0 = time.perf_counter()
-        result = _call(name, run, data, cfg)
+        result = plugin(name).run(run.model, data, cfg)
         out[name] = {"result": result, "settings": to_dict(cfg), "checkpoint": run.checkpoint.name,
                      "step": run.step, "samples": sum(len(y) for _, y in data),
                      "time_s": time.perf_counter() - t0}
     save(Path(run_dir), out)
     return out
-
-
-def _call(name: str, run: LoadedRun, data: list, cfg: Any) -> dict[str, Any]:
-    mod = plugin(name)
-    if name == "ntk" and getattr(cfg, "at_init", False):
-        from ..models import build_from_spec
-
-        def factory(seed: int) -> torch.nn.Module:
-            torch.manual_seed(seed)
-            return build_from_spec(run.model_spec).to(next(run.model.parameters()).device)
-
-        return mod.run_at_init(factory, data, cfg)
-    return mod.run(run.model, data, cfg)
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
@@ -140,9 +127,12 @@ def summarize(name: str, r: dict[str, Any]) -> str:
             line += f" trace={r['trace']['estimate']:.4g}+-{r['trace']['stderr']:.2g}"
         return line + f" loss={r['loss']:.4f}"
     if name == "ntk":
-        kappa = r.get("kappa_mean", r.get("kappa"))
-        spread = f"+-{r['kappa_std']:.3g}" if "kappa_std" in r else ""
-        return f"kappa={kappa:.5g}{spread} ({r.get('convention', '?')} convention)"
+        line = f"kappa={r['kappa']:.5g} ({r['convention']} convention, {r['num_inputs']} inputs)"
+        if "at_init" in r:
+            init = r["at_init"]
+            line += (f"; at init kappa={init['kappa_mean']:.5g}+-{init['kappa_std']:.3g} "
+                     f"over {len(init['seeds'])} seeds")
+        return line
     if name == "landscape":
         flat = [v for row in (r["loss"] if isinstance(r["loss"][0], list) else [r["loss"]])
                 for v in row if v is not None]
