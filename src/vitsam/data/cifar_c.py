@@ -27,9 +27,9 @@ scikit-image's ``rng``).
 from __future__ import annotations
 
 import importlib.resources
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from io import BytesIO
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -111,7 +111,8 @@ def shot_noise(x: np.ndarray, severity: int) -> np.ndarray:
 
 
 def impulse_noise(x: np.ndarray, severity: int, seed: int) -> np.ndarray:
-    return _to_255(sk.util.random_noise(_unit(x), mode="s&p", rng=seed, amount=IMPULSE_NOISE[severity - 1]))
+    # Third positional argument: ``rng`` in current scikit-image, ``seed`` in older releases.
+    return _to_255(sk.util.random_noise(_unit(x), "s&p", seed, amount=IMPULSE_NOISE[severity - 1]))
 
 
 def speckle_noise(x: np.ndarray, severity: int) -> np.ndarray:
@@ -163,7 +164,7 @@ def fog(x: np.ndarray, severity: int) -> np.ndarray:
     return _to_255(x * peak / (peak + strength))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _frost_texture(name: str) -> np.ndarray:
     ref = importlib.resources.files("imagecorruptions") / "frost" / name
     with importlib.resources.as_file(ref) as path:

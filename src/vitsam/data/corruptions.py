@@ -30,6 +30,15 @@ Small and greyscale images. The library refuses images under 32 px and works on 
   corruptions), and noise, blur radii and JPEG blocks act on native pixels. Corruptions with
   global statistics (contrast mean, fog maximum) see the reflected border too, which for the
   2-4 px of a 28 px image changes them very little.
+* ImageNet-C motion blur on images narrower than its kernel (up to 41 px): the library drops the
+  shifts that leave the image, which darkens it; such images are edge-padded to the kernel
+  width first (exact, since the library's shifts replicate the border) and cropped back.
+* ImageNet-C spatter on small images can draw no liquid at all and then divides 0 by 0; those
+  images are returned unspattered instead of with undefined (NaN-cast) pixels.
+* Left as the library does it: ImageNet-C's elastic transform smooths its displacement field
+  with a sigma of 1% of the side but keeps a fixed amplitude, so at 32 px it scrambles pixels
+  rather than warping; snow streaks lose a little brightness on images under 42 px. Both are
+  reasons to use ``"cifar-c"`` for small images.
 """
 from __future__ import annotations
 
@@ -38,9 +47,12 @@ import importlib.metadata
 import json
 import multiprocessing as mp
 import os
+import sys
 import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,9 +75,11 @@ SEVERITIES = (1, 2, 3, 4, 5)
 MIN_SIDE = 32  # the library's smallest accepted side
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 _SEEDED_IN_LIBRARY = ("glass_blur", "impulse_noise")  # library functions with their own generators
+_INC_MOTION_RADIUS = (10, 15, 15, 15, 20)  # the library's motion-blur radius per severity
 _CHUNK_BYTES = 4 << 20  # images sent to a worker at a time, about 4 MB
-SMALL_IMAGE_POLICY = (f"sides under {MIN_SIDE} px reflect-padded to {MIN_SIDE}, corrupted, centre-cropped back; "
-                      "greyscale replicated to RGB, corrupted, converted back by BT.601 luminance")
+SMALL_IMAGE_POLICY = (f"sides under {MIN_SIDE} px reflect-padded to {MIN_SIDE}, corrupted, centre-cropped back "
+                      "(ImageNet-C motion blur: edge-padded to the kernel width); greyscale replicated to RGB, "
+                      "corrupted, converted back by BT.601 luminance")
 
 
 class CorruptionSetError(ValueError):
@@ -103,9 +117,13 @@ def _check_params(params: str) -> str:
 
 
 def _check_severities(severities: Iterable[int]) -> list[int]:
-    sev = sorted({int(s) for s in severities})
-    if not sev or any(s not in SEVERITIES for s in sev):
-        raise CorruptionSetError(f"severities must be a non-empty subset of 1..5, got {list(severities)}")
+    given = list(severities)
+    try:
+        sev = sorted({int(s) for s in given})
+    except (TypeError, ValueError):
+        sev = []
+    if not sev or any(s not in SEVERITIES for s in sev) or any(float(s) != int(s) for s in sev):
+        raise CorruptionSetError(f"severities must be a non-empty subset of 1..5, got {given}")
     return sev
 
 
@@ -125,11 +143,19 @@ def _rgb_corrupt(rgb: np.ndarray, corruption: str, severity: int, params: str, s
     """Corrupt an RGB uint8 (H, W, 3) image with both sides >= 32; uint8 (H, W, 3)."""
     if params == "cifar-c":
         return cifar_c.apply(rgb, severity, corruption, seed)
-    from imagecorruptions import corrupt
+    from imagecorruptions import corruption_dict
+    from PIL import Image
 
     np.random.seed(seed)
     kwargs = {"seed": seed} if corruption in _SEEDED_IN_LIBRARY else {}
-    return corrupt(rgb, severity=severity, corruption_name=corruption, **kwargs)
+    # What the library's ``corrupt`` does, minus its checks, plus one fix: spatter divides by the
+    # largest liquid value, which is 0 when a small image draws no liquid, and the NaNs would be
+    # cast to uint8 in a platform-dependent way. No liquid means no spatter: keep those pixels.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.asarray(corruption_dict[corruption](Image.fromarray(rgb), severity, **kwargs), dtype=np.float64)
+    if np.isnan(out).any():
+        out = np.where(np.isnan(out), rgb, out)
+    return np.uint8(out)
 
 
 def _as_chw_uint8(image: Any, what: str = "image") -> np.ndarray:
@@ -158,9 +184,15 @@ def corrupt_image(image: np.ndarray | torch.Tensor, corruption: str, severity: i
     c, h, w = arr.shape
     hwc = np.ascontiguousarray(arr.transpose(1, 2, 0))
     rgb = np.repeat(hwc, 3, axis=2) if c == 1 else hwc
-    ph, pw = max(0, MIN_SIDE - h), max(0, MIN_SIDE - w)
+    side, mode = MIN_SIDE, "reflect"
+    if params == "imagenet-c" and corruption == "motion_blur":
+        # The library stops adding shifted copies once a shift leaves the image, so on small
+        # images the kernel loses weight and the image darkens (3% at 32 px, severity 5). Its
+        # shifts replicate the border, so edge padding to the kernel width is exact.
+        side, mode = max(MIN_SIDE, 2 * _INC_MOTION_RADIUS[severity - 1] + 2), "edge"
+    ph, pw = max(0, side - h), max(0, side - w)
     if ph or pw:
-        rgb = np.pad(rgb, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+        rgb = np.pad(rgb, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode=mode)
     out = np.asarray(_rgb_corrupt(rgb, corruption, severity, params, seed))
     out = out[ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
     if c == 1:
@@ -198,6 +230,16 @@ def _worker_task(task: tuple[str, int, int, int, str, int]) -> tuple[str, int, i
     assert _WORKER_IMAGES is not None
     return corruption, severity, start, _corrupt_chunk(
         np.asarray(_WORKER_IMAGES[start:stop]), start, corruption, severity, params, seed)
+
+
+def _can_spawn() -> bool:
+    """Whether spawned workers can re-import ``__main__`` (not when it was read from stdin)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is None or Path(main_file).exists():
+        return True
+    warnings.warn(f"the main module {main_file!r} is not a file, so worker processes cannot start; "
+                  "corrupting in this process instead", RuntimeWarning, stacklevel=3)
+    return False
 
 
 # ---------------------------------------------------------------- files
@@ -273,7 +315,8 @@ def build_corruption_set(
     file, library version, ``source`` description). Each part is written atomically and recorded
     in the manifest as soon as it is complete, so an interrupted build resumes: a re-run (also one
     asking for more corruptions or severities) skips every part whose file matches its recorded
-    checksum. ``workers`` >= 2 corrupts in that many processes; 0 or 1 works in this process.
+    checksum. ``workers`` >= 2 corrupts in that many (spawned) processes, so a script calling it
+    needs the usual ``if __name__ == "__main__":`` guard; 0 or 1 works in this process.
     Returns ``out_dir``.
     """
     params = _check_params(params)
@@ -296,10 +339,12 @@ def build_corruption_set(
     out.mkdir(parents=True, exist_ok=True)
 
     fingerprint = _fingerprint(imgs, labs)
-    settings = {"params": params, "seed": seed, "source_sha256": fingerprint}
+    # A different library version may corrupt differently: never mix two versions in one set.
+    settings = {"params": params, "seed": seed, "library": library_version(), "source_sha256": fingerprint}
     man = _read_manifest(out)
     if man is not None:
-        old = {k: man.get(k) for k in ("params", "seed")} | {"source_sha256": man.get("source", {}).get("sha256")}
+        old = {k: man.get(k) for k in ("params", "seed", "library")}
+        old["source_sha256"] = man.get("source", {}).get("sha256")
         if old != settings:
             diff = ", ".join(f"{k}: {old[k]!r} there, {settings[k]!r} now" for k in settings if old[k] != settings[k])
             raise CorruptionSetError(f"{out} holds a corruption set built with other settings ({diff}); "
@@ -353,7 +398,7 @@ def build_corruption_set(
     state = np.random.get_state()  # the library seeds NumPy's global generator; leave the caller's alone
     try:
         with bar:
-            if tasks and workers >= 2:
+            if tasks and workers >= 2 and _can_spawn():
                 # Not fork: OpenCV's and OpenMP's thread pools in this process can hold locks at
                 # fork time and leave forked workers waiting forever.
                 ctx = mp.get_context("spawn")
@@ -478,7 +523,7 @@ def contact_sheet(
         np.random.set_state(state)
     axes[0, 0].set_title("clean", fontsize=8)
     fig.suptitle(f"corruptions ({params})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -1,0 +1,174 @@
+"""Classification metrics: top-k accuracy, expected calibration error, negative log-likelihood.
+
+Also the preprocessing every evaluator shares: uint8 images -> float /255 -> resize to the
+model's size (bilinear, antialiased) -> normalise by the training mean/std.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_logits(logits: torch.Tensor, targets: torch.Tensor, what: str = "logits") -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"{what} must have shape (N, num_classes), got {tuple(logits.shape)}")
+    if targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"targets must have shape ({logits.shape[0]},), got {tuple(targets.shape)}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+        raise ValueError(f"targets must be class indices in [0, {logits.shape[1]}), got range "
+                         f"[{int(targets.min())}, {int(targets.max())}]; check the class mapping")
+
+
+def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of rows whose target is among the k highest scores, per k in ``ks``.
+
+    logits: (N, C) scores (logits or probabilities), targets: (N,) int class indices.
+    A k at or above C counts every row as right (all classes are in the top k).
+    """
+    _check_logits(logits, targets)
+    if any(int(k) < 1 for k in ks):
+        raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
+    n = targets.shape[0]
+    if n == 0:
+        raise ValueError("no samples to score; the batches are empty")
+    kmax = min(max(int(k) for k in ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # (N, kmax), best first
+    hits = top.eq(targets[:, None])
+    return {int(k): float(hits[:, :min(int(k), kmax)].any(dim=1).sum()) / n for k in ks}
+
+
+def ece_from_confidences(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE from per-sample confidence (N,) in [0, 1] and correctness (N,) bool.
+
+    Equal-width bins (i/n_bins, (i+1)/n_bins]; ECE = sum_b |B_b|/N * |accuracy(B_b) - confidence(B_b)|.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    n = confidence.numel()
+    if n == 0:
+        raise ValueError("no samples to score; the batches are empty")
+    conf = confidence.double().clamp(0, 1)
+    # Bin b holds (edge_b, edge_b+1] with the usual linspace edges; confidence 0 joins the first bin.
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf, edges[1:-1], right=False)
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = torch.bincount(idx, weights=correct.double(), minlength=n_bins)
+    return float((conf_sum - acc_sum).abs().sum() / n)
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error (Guo et al. 2017) of predicted probabilities.
+
+    probs: (N, C) rows summing to 1; targets: (N,) int. Confidence = max probability, correct =
+    argmax == target; 15 equal-width confidence bins by default. Returns a fraction in [0, 1].
+    """
+    _check_logits(probs, targets, "probs")
+    conf, pred = probs.max(dim=1)
+    return ece_from_confidences(conf, pred.eq(targets), n_bins)
+
+
+class MetricAccumulator:
+    """Running top-1/top-5 accuracy, ECE and NLL over batches of logits (N, C) and targets (N,)."""
+
+    def __init__(self, ks: Sequence[int] = (1, 5), n_bins: int = 15) -> None:
+        self.ks = tuple(int(k) for k in ks)
+        self.n_bins = n_bins
+        self.hits = {k: 0.0 for k in self.ks}
+        self.nll_sum = 0.0
+        self.n = 0
+        self.conf: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add one batch (logits are moved to CPU float64 for exact sums)."""
+        logits, targets = logits.detach().double().cpu(), targets.detach().long().cpu()
+        _check_logits(logits, targets)
+        b = targets.shape[0]
+        if b == 0:
+            return
+        for k, acc in topk_accuracy(logits, targets, self.ks).items():
+            self.hits[k] += acc * b
+        self.nll_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+        probs = logits.softmax(dim=1)
+        conf, pred = probs.max(dim=1)
+        self.conf.append(conf)
+        self.correct.append(pred.eq(targets))
+        self.n += b
+
+    def result(self) -> dict[str, float | int]:
+        """``{top1, top5, ..., ece, nll, n}``: accuracies and ECE as fractions, NLL in nats per sample."""
+        if self.n == 0:
+            raise ValueError("no samples were evaluated; the batches are empty")
+        out: dict[str, float | int] = {f"top{k}": self.hits[k] / self.n for k in self.ks}
+        out["ece"] = ece_from_confidences(torch.cat(self.conf), torch.cat(self.correct), self.n_bins)
+        out["nll"] = self.nll_sum / self.n
+        out["n"] = self.n
+        return out
+
+
+def model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward pass that insists on a (B, num_classes) tensor of logits."""
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model must return logits of shape ({x.shape[0]}, num_classes), got {got}")
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: str | torch.device = "cpu", n_bins: int = 15) -> dict[str, float | int]:
+    """Top-1, top-5, ECE and NLL of ``model`` over ``(x normalised float (B, C, H, W), y int (B,))``.
+
+    Runs in eval mode without gradients and restores the model's previous train/eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator(n_bins=n_bins)
+    try:
+        for x, y in batches:
+            acc.update(model_logits(model, x.to(device)), y)
+    finally:
+        model.train(was_training)
+    return acc.result()
+
+
+def preprocess(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+               img_size: int | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float (B, C, img_size, img_size): /255, resize, normalise.
+
+    Resizing (only when the size differs) is bilinear with antialiasing; mean/std are per channel
+    on the 0-1 scale (one value per channel of ``images``).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (0-255), got {images.dtype}")
+    c = images.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean and std need one value per channel ({c}), got {len(mean)} and {len(std)}; "
+                         "use the training run's data statistics")
+    if any(float(s) <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {list(std)}")
+    x = images.float().div_(255.0)
+    if img_size is not None and tuple(x.shape[-2:]) != (img_size, img_size):
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor([float(v) for v in mean]).view(1, c, 1, 1)
+    s = torch.tensor([float(v) for v in std]).view(1, c, 1, 1)
+    return (x - m) / s
+
+
+def uint8_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
+                  std: Sequence[float], img_size: int | None = None,
+                  device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(x normalised float on device, y int64)`` from uint8 images (N, C, H, W) and labels (N,)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    for a in range(0, images.shape[0], batch_size):
+        x = preprocess(images[a:a + batch_size], mean, std, img_size)
+        yield x.to(device), labels[a:a + batch_size].long()

@@ -1,0 +1,378 @@
+"""Distribution-shift evaluation: class-subset folders, multi-label ("ReaL") labels, second test sets.
+
+Three evaluators, each taking a logits-producing model and either an image folder or uint8
+tensors:
+
+* ``evaluate_class_mapped``: a folder whose classes map onto (a subset of) the training classes,
+  as ImageNet-R and ImageNet-A use 200 of the 1,000 ImageNet classes. The mapping is JSON
+  ``{folder_class_name: training_class_name or index}``; by default the model's logits are
+  restricted to the mapped training classes before argmax/softmax, as in those benchmarks.
+* ``evaluate_real_labels``: multi-label ground truth (ImageNet "ReaL"): JSON list (one entry per
+  image, images sorted by file name) or dict ``{image_id: [class indices]}``. A prediction is
+  right if it is in the image's label set; images with an empty set are skipped; ECE is not
+  defined for label sets and is reported as None.
+* ``evaluate_folder``: a second test folder with the training classes (ImageNet-V2 style), whose
+  class folders are named by training class name or by class index.
+
+Folder images are decoded with Pillow, the shorter side resized to ``img_size / crop_pct``
+(bilinear, antialiased) and centre-cropped to ``img_size``; tensors are resized only if their
+size differs. A file Pillow cannot read raises a one-line ValueError naming it.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from tqdm.auto import tqdm
+
+from .metrics import MetricAccumulator, model_logits, preprocess
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+Source = str | Path | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+
+
+# ---------------------------------------------------------------- reading
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """ImageFolder layout ``root/<class>/**/<image>``: (paths, class indices, sorted class names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist; pass the folder that holds one sub-folder per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders; expected {root}/<class>/<image files>")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for i, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if _is_image(p))
+        paths += files
+        labels += [i] * len(files)
+    if not paths:
+        raise ValueError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths, labels, classes
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` (any depth), sorted by file name, then by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist")
+    paths = sorted((p for p in root.rglob("*") if _is_image(p)), key=lambda p: (p.name, str(p)))
+    if not paths:
+        raise ValueError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def decode_for_eval(path: str | Path, img_size: int, in_chans: int = 3, crop_pct: float = 1.0) -> np.ndarray:
+    """Decode one file to uint8 (C, img_size, img_size): shorter side to img_size/crop_pct, centre crop."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("L" if in_chans == 1 else "RGB")
+    except _DECODE_ERRORS as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot decode image {path}: {msg}; remove or replace the file") from None
+    w, h = im.size
+    short = max(img_size, round(img_size / crop_pct))
+    if min(w, h) != short:
+        nw, nh = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
+        im = im.resize((nw, nh), Image.BILINEAR)  # Pillow widens the filter when shrinking (antialias)
+        w, h = nw, nh
+    left, top = (w - img_size) // 2, (h - img_size) // 2
+    arr = np.asarray(im.crop((left, top, left + img_size, top + img_size)), dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _check_common(img_size: int, batch_size: int, in_chans: int, crop_pct: float) -> None:
+    if not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+
+
+def _path_batches(paths: Sequence[Path], batch_size: int, img_size: int, in_chans: int, crop_pct: float,
+                  workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 (B, C, S, S), positions (B,)) over ``paths``, decoded in a thread pool."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for a in range(0, len(paths), batch_size):
+            chunk = paths[a:a + batch_size]
+            arrs = list(pool.map(lambda p: decode_for_eval(p, img_size, in_chans, crop_pct), chunk))
+            yield torch.from_numpy(np.stack(arrs)), torch.arange(a, a + len(chunk))
+
+
+def _tensor_batches(images: torch.Tensor, positions: torch.Tensor,
+                    batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for a in range(0, positions.numel(), batch_size):
+        pos = positions[a:a + batch_size]
+        yield images[pos], pos
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a uint8 tensor (N, C, H, W), got {got}")
+    return images
+
+
+def _load_json(obj: Any, what: str) -> Any:
+    if isinstance(obj, (str, Path)):
+        path = Path(obj)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{what} file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{what} file {path} is not valid JSON ({exc})") from None
+    return obj
+
+
+def _train_index(value: Any, train_classes: Sequence[str] | None, key: str) -> int:
+    """A mapping value (training class name, index, or digit string) -> training class index."""
+    if isinstance(value, bool):
+        raise ValueError(f"mapping[{key!r}] = {value!r} is neither a class name nor an index")
+    if isinstance(value, (int, np.integer)):
+        if value < 0:
+            raise ValueError(f"mapping[{key!r}] = {value} is not a class index (must be >= 0)")
+        return int(value)
+    if isinstance(value, str):
+        if train_classes is not None and value in train_classes:
+            return list(train_classes).index(value)
+        if value.strip().isdigit():
+            return int(value)
+        hint = "" if train_classes is not None else "; pass train_classes to map by name"
+        raise ValueError(f"mapping[{key!r}] = {value!r} is not a training class{hint}")
+    raise ValueError(f"mapping[{key!r}] = {value!r} is neither a class name nor an index")
+
+
+# ---------------------------------------------------------------- evaluators
+
+def _settings(source: Source, img_size: int, batch_size: int, mean: Sequence[float], std: Sequence[float],
+              crop_pct: float) -> dict[str, Any]:
+    where = str(source) if isinstance(source, (str, Path)) else "tensors"
+    return {"source": where, "img_size": img_size, "batch_size": batch_size, "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std], "crop_pct": crop_pct if isinstance(source, (str, Path)) else None}
+
+
+@torch.no_grad()
+def evaluate_class_mapped(
+    model: nn.Module,
+    source: Source,
+    mapping: Mapping[str, Any] | str | Path,
+    train_classes: Sequence[str] | None = None,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_size: int,
+    source_classes: Sequence[str] | None = None,
+    restrict: bool = True,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    in_chans: int = 3,
+    crop_pct: float = 1.0,
+    workers: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Top-1, top-5, ECE, NLL on images whose classes map onto training classes.
+
+    ``source``: an ImageFolder path, or ``(images uint8 (N, C, H, W), labels int64 (N,))`` where
+    labels index ``source_classes`` (or, without it, are the mapping keys themselves as
+    integers). ``mapping``: dict or JSON file ``{source class: training class name or index}``;
+    every source class with images must be mapped. ``restrict=True`` scores only the mapped
+    training classes (logits of the others are dropped before argmax and softmax).
+    """
+    _check_common(img_size, batch_size, in_chans, crop_pct)
+    mapping = _load_json(mapping, "class mapping")
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ValueError("mapping must be a non-empty JSON object {source class: training class name or index}")
+    mapping = {str(k): v for k, v in mapping.items()}
+    if isinstance(source, (str, Path)):
+        paths, labels_list, classes = list_image_folder(source)
+        labels = torch.tensor(labels_list)
+        images = None
+    else:
+        if not isinstance(source, tuple) or len(source) != 2:
+            raise ValueError("source must be an image folder path or a tuple (images, labels)")
+        images, labels = _check_images(source[0]), torch.as_tensor(source[1]).long()
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        classes = ([str(c) for c in source_classes] if source_classes is not None
+                   else [str(i) for i in range(int(labels.max()) + 1 if labels.numel() else 0)])
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+            raise ValueError(f"labels must index source_classes (0..{len(classes) - 1})")
+        paths = []
+    present = sorted(set(labels.tolist()))
+    unmapped = [classes[i] for i in present if classes[i] not in mapping]
+    if unmapped:
+        raise ValueError(f"{len(unmapped)} source class(es) are not in the mapping (first: {unmapped[:5]}); "
+                         "add them to the mapping JSON")
+    target_of = torch.full((len(classes),), -1, dtype=torch.long)
+    for i, name in enumerate(classes):
+        if name in mapping:
+            target_of[i] = _train_index(mapping[name], train_classes, name)
+    scored = sorted({int(target_of[i]) for i in present})
+    total = labels.numel()
+    batches = (_path_batches(paths, batch_size, img_size, in_chans, crop_pct, workers) if images is None
+               else _tensor_batches(images, torch.arange(total), batch_size))
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator()
+    subset = torch.tensor(scored)
+    try:
+        with tqdm(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
+            for x_u8, pos in batches:
+                logits = model_logits(model, preprocess(x_u8, mean, std, img_size).to(device)).cpu()
+                if scored[-1] >= logits.shape[1]:
+                    raise ValueError(f"the mapping names training class {scored[-1]} but the model has "
+                                     f"{logits.shape[1]} outputs; check the mapping or the model")
+                target = target_of[labels[pos]]
+                if restrict:
+                    logits = logits[:, subset]
+                    target = torch.searchsorted(subset, target)
+                acc.update(logits, target)
+                bar.update(pos.numel())
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {"kind": "class_mapped", **acc.result(), "restricted": restrict,
+                           "n_classes_scored": len(scored) if restrict else None}
+    out["settings"] = _settings(source, img_size, batch_size, mean, std, crop_pct)
+    return out
+
+
+def evaluate_folder(
+    model: nn.Module,
+    source: Source,
+    train_classes: Sequence[str] | None = None,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_size: int,
+    source_classes: Sequence[str] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    in_chans: int = 3,
+    crop_pct: float = 1.0,
+    workers: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Top-1, top-5, ECE, NLL on a second test set of the training classes (ImageNet-V2 style).
+
+    Folder classes are matched to ``train_classes`` by name, or read as class indices when they
+    are numbers (ImageNet-V2 names its folders 0..999). All logits are scored.
+    """
+    if isinstance(source, (str, Path)):
+        names = list_image_folder(source)[2]
+    elif source_classes is not None:
+        names = [str(c) for c in source_classes]
+    else:
+        labels = torch.as_tensor(source[1]) if isinstance(source, tuple) else torch.zeros(0)
+        names = [str(i) for i in range(int(labels.max()) + 1 if labels.numel() else 0)]
+    known = set(train_classes or ())
+    unknown = [n for n in names if n not in known and not n.isdigit()]
+    if unknown:
+        raise ValueError(f"folder classes {unknown[:5]} are neither training class names nor indices; "
+                         "rename them or use evaluate_class_mapped with a mapping")
+    out = evaluate_class_mapped(model, source, {n: n for n in names}, train_classes, mean=mean, std=std,
+                                img_size=img_size, source_classes=source_classes, restrict=False,
+                                batch_size=batch_size, device=device, in_chans=in_chans, crop_pct=crop_pct,
+                                workers=workers, progress=progress)
+    out["kind"] = "test_folder"
+    return out
+
+
+@torch.no_grad()
+def evaluate_real_labels(
+    model: nn.Module,
+    source: str | Path | torch.Tensor,
+    real_labels: Sequence[Sequence[int]] | Mapping[str, Sequence[int]] | str | Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    img_size: int,
+    image_ids: Sequence[str] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    in_chans: int = 3,
+    crop_pct: float = 1.0,
+    workers: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Multi-label ("ReaL") top-1 and top-5: right if the prediction is in the image's label set.
+
+    ``source``: a folder (every image file below it, sorted by file name; ids are file names) or
+    uint8 images (N, C, H, W) (ids ``image_ids`` or "0".."N-1"). ``real_labels``: JSON list of
+    label lists in image order, or ``{image id or file stem: [class indices]}``. Images with an
+    empty label set are skipped (counted in ``n_skipped``). ECE is None (undefined for sets).
+    """
+    _check_common(img_size, batch_size, in_chans, crop_pct)
+    real = _load_json(real_labels, "ReaL labels")
+    if isinstance(source, (str, Path)):
+        paths = list_images(source)
+        ids = [p.name for p in paths]
+        images = None
+    else:
+        images, paths = _check_images(source), []
+        ids = [str(i) for i in (image_ids if image_ids is not None else range(images.shape[0]))]
+        if len(ids) != images.shape[0]:
+            raise ValueError(f"image_ids has {len(ids)} entries for {images.shape[0]} images")
+    if isinstance(real, Mapping):
+        sets = []
+        for i in ids:
+            key = i if i in real else Path(i).stem
+            if key not in real:
+                raise ValueError(f"real_labels has no entry for image {i!r}; give every image a (possibly empty) list")
+            sets.append(real[key])
+    elif isinstance(real, Sequence) and not isinstance(real, str):
+        if len(real) != len(ids):
+            raise ValueError(f"real_labels lists {len(real)} images but the source has {len(ids)}")
+        sets = list(real)
+    else:
+        raise ValueError("real_labels must be a JSON list of label lists or an object {image id: [labels]}")
+    try:
+        label_sets = [sorted({int(c) for c in s}) for s in sets]
+    except (TypeError, ValueError):
+        raise ValueError("every ReaL label set must be a list of integer class indices") from None
+    keep = torch.tensor([i for i, s in enumerate(label_sets) if s], dtype=torch.long)
+    if keep.numel() == 0:
+        raise ValueError("every image has an empty ReaL label set; nothing to score")
+    batches = (_path_batches([paths[int(i)] for i in keep], batch_size, img_size, in_chans, crop_pct, workers)
+               if images is None else _tensor_batches(images, keep, batch_size))
+    was_training = model.training
+    model.eval()
+    top1 = top5 = 0
+    n = 0
+    try:
+        with tqdm(total=keep.numel(), desc="evaluate ReaL", unit="img", disable=not progress) as bar:
+            for x_u8, pos in batches:
+                logits = model_logits(model, preprocess(x_u8, mean, std, img_size).to(device)).cpu()
+                index = keep[pos] if images is None else pos  # folder batches count kept images
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                for row, i in zip(top.tolist(), index.tolist()):
+                    s = label_sets[i]
+                    if s[-1] >= logits.shape[1] or s[0] < 0:
+                        raise ValueError(f"ReaL label {s[-1]} of image {ids[i]!r} is outside the model's "
+                                         f"{logits.shape[1]} classes")
+                    top1 += row[0] in s
+                    top5 += any(c in s for c in row)
+                n += top.shape[0]
+                bar.update(pos.numel())
+    finally:
+        model.train(was_training)
+    return {"kind": "real_labels", "top1": top1 / n, "top5": top5 / n, "ece": None, "n": n,
+            "n_skipped": len(ids) - n, "settings": _settings(source, img_size, batch_size, mean, std, crop_pct)}
