@@ -95,6 +95,96 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     print(f"pruned run -> {args.out}")
 
 
+def _add_eval(sub: Any) -> None:
+    s = sub.add_parser("eval", help="accuracy, calibration, corruptions, shifts, throughput",
+                       description="Evaluate runs: top-1/top-5/ECE on the test split, and "
+                                   "optionally on a corruption set, other test folders, ReaL-"
+                                   "style labels, and throughput. Results go to eval.json.")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("--data", help="evaluate on this data source's test split instead of the "
+                                  "run's own (same classes), e.g. cifar10 with --root")
+    s.add_argument("--root", help="root folder for --data")
+    s.add_argument("--corruptions", metavar="DIR", help="a set built by `vitsam corrupt`")
+    s.add_argument("--baseline", help="RUN_DIR (or 'alexnet' for true ImageNet-C) for mCE")
+    s.add_argument("--folder", metavar="DIR", help="a second test folder of the training "
+                                                   "classes (ImageNet-V2 style)")
+    s.add_argument("--mapped-folder", metavar="DIR", help="a folder whose classes map onto a "
+                                                          "subset of the training classes")
+    s.add_argument("--mapping", metavar="JSON", help="{folder class: training class} for "
+                                                     "--mapped-folder (ImageNet-R/A style)")
+    s.add_argument("--real", metavar="JSON", help="multi-label (ReaL-style) label sets for the "
+                                                  "test split, or for --real-images")
+    s.add_argument("--real-images", metavar="DIR", help="images the --real labels refer to")
+    s.add_argument("--throughput", action="store_true", help="inference and training images/s")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--checkpoint", default="last")
+    s.add_argument("--out", help="folder for comparison figures (default: <first run>/../compare)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.runner import EvalRequest, evaluate_run, report
+
+    if bool(args.mapping) != bool(args.mapped_folder):
+        raise ValueError("--mapping and --mapped-folder go together")
+    if args.baseline and not args.corruptions:
+        raise ValueError("--baseline needs --corruptions (mCE is relative to a baseline's errors)")
+    if args.root and not args.data:
+        raise ValueError("--root goes with --data (the data source it is the root of)")
+    req = EvalRequest(args.data, args.root, args.corruptions, args.folder, args.mapped_folder,
+                      args.mapping, args.real, args.real_images, args.throughput,
+                      args.batch_size, args.device, args.checkpoint)
+    results = {run: evaluate_run(run, req, progress=not args.quiet) for run in args.runs}
+    report(results, req, args.baseline, args.out, progress=not args.quiet)
+    for run in args.runs:
+        print(f"-> {Path(run) / 'eval.json'}")
+
+
+def _add_corrupt(sub: Any) -> None:
+    from .data.corruptions import PARAM_SETS
+
+    s = sub.add_parser("corrupt", help="build a '-C' corruption benchmark of a test set",
+                       description="Apply the 15 standard corruptions (optionally the 4 held-out "
+                                   "ones) at 5 severities to a test split; deterministic, "
+                                   "parallel, resumable. Evaluate with `vitsam eval --corruptions`.")
+    s.add_argument("--out", required=True, help="folder of the corruption set")
+    s.add_argument("--data", default="mnist5k", help="data source (as data.source)")
+    s.add_argument("--root", help="root folder for the data source")
+    s.add_argument("--run", metavar="RUN_DIR", help="use this run's data set and image size")
+    s.add_argument("--img-size", type=int, help="resize images to this size first")
+    s.add_argument("--params", choices=PARAM_SETS, default="imagenet-c",
+                   help="corruption parameters: ImageNet-C's or the milder CIFAR-10-C's")
+    s.add_argument("--extra", action="store_true", help="add the 4 held-out corruptions")
+    s.add_argument("--corruptions", help="comma-separated subset of corruption names")
+    s.add_argument("--severities", default="1,2,3,4,5")
+    s.add_argument("--limit", type=int, help="a seeded random subset of this many test images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_corrupt)
+
+
+def _cmd_corrupt(args: argparse.Namespace) -> None:
+    from .data.corruptions import build_corruption_set, contact_sheet
+    from .eval.runner import corruption_source
+
+    severities = [int(v) for v in args.severities.split(",") if v.strip()]
+    names = [c.strip() for c in args.corruptions.split(",")] if args.corruptions else None
+    images, labels, desc = corruption_source(args.data, args.root, args.run, args.img_size,
+                                             args.limit, args.seed)
+    out = build_corruption_set(images, labels, args.out, params=args.params, corruptions=names,
+                               severities=severities, extra=args.extra, seed=args.seed,
+                               workers=args.workers, progress=not args.quiet, source=desc)
+    sheet = contact_sheet(images[0], Path(out) / "contact_sheet.png", params=args.params,
+                          corruptions=names, severities=severities, extra=args.extra,
+                          seed=args.seed)
+    print(f"{len(labels)} images x {len(names or []) or (19 if args.extra else 15)} corruptions "
+          f"x {len(severities)} severities ({args.params} parameters) -> {out}\n"
+          f"contact sheet -> {sheet}")
+
+
 def register_all() -> list[Callable[[Any], None]]:
     """Functions that each add one sub-command to the ``vitsam`` parser."""
-    return [_add_analyze, _add_prune]
+    return [_add_analyze, _add_prune, _add_eval, _add_corrupt]

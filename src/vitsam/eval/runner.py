@@ -1,0 +1,184 @@
+"""Evaluate run folders and build corruption sets from a run's or a source's test split.
+
+``evaluate_run`` writes ``eval.json`` in the run folder (merged with what is there: each key is
+one evaluation, with its settings), so robustness numbers for several sets can live together.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import from_dict
+from ..data import DataConfig, ImageFiles, build_data, eval_batches
+from ..data.sample import random_subset
+from ..io import atomic_write_json, read_json
+from ..train.checkpoint import load_run
+from .metrics import evaluate
+
+
+@dataclass
+class EvalRequest:
+    """What ``evaluate_run`` measures besides test accuracy (paths are optional)."""
+
+    data: str | None = None
+    root: str | None = None
+    corruptions: str | None = None
+    folder: str | None = None
+    mapped_folder: str | None = None
+    mapping: str | None = None
+    real: str | None = None
+    real_images: str | None = None
+    throughput: bool = False
+    batch_size: int = 256
+    device: str = "cpu"
+    checkpoint: str = "last"
+
+
+def _data_config(config: dict, spec: dict, req: EvalRequest) -> DataConfig:
+    cfg = from_dict(DataConfig, config["data"])
+    if req.data:
+        cfg = replace(cfg, source=req.data, root=req.root)
+    return replace(cfg, img_size=int(spec["img_size"]))
+
+
+def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -> dict[str, Any]:
+    """Evaluate one run folder as ``req`` asks; returns and saves the new ``eval.json`` entries."""
+    from . import robustness, shifts, throughput
+
+    run = load_run(run_dir, req.checkpoint, device=req.device)
+    spec, model = run.model_spec, run.model
+    bundle = build_data(_data_config(run.config, spec, req))
+    if bundle.num_classes != spec["num_classes"]:
+        raise ValueError(f"--data has {bundle.num_classes} classes but the model predicts "
+                         f"{spec['num_classes']}; evaluate on data with the training classes")
+    common = {"mean": bundle.mean, "std": bundle.std, "img_size": bundle.img_size,
+              "batch_size": req.batch_size, "device": req.device}
+    shift_kw = {**common, "in_chans": spec["in_chans"], "progress": progress}
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    test = evaluate(model, eval_batches(bundle.test, req.batch_size, bundle.mean, bundle.std,
+                                        bundle.img_size, req.device), req.device)
+    out["test"] = {**test, "data": bundle.description, "checkpoint": run.checkpoint.name}
+    if req.corruptions:
+        out["corruptions"] = robustness.evaluate_corruptions(
+            model, req.corruptions, bundle.mean, bundle.std, bundle.img_size, req.batch_size,
+            req.device, progress=progress)
+        out["corruptions"]["set_dir"] = str(Path(req.corruptions).resolve())
+    if req.folder:
+        out["folder"] = shifts.evaluate_folder(model, req.folder, bundle.classes, **shift_kw)
+    if req.mapped_folder:
+        out["class_mapped"] = shifts.evaluate_class_mapped(model, req.mapped_folder, req.mapping,
+                                                           bundle.classes, **shift_kw)
+    if req.real:
+        source: Any = req.real_images
+        if source is None:
+            if isinstance(bundle.test, ImageFiles):
+                raise ValueError("--real without --real-images needs a test split held in "
+                                 "memory; give the image folder with --real-images")
+            source = bundle.test.images
+        out["real"] = shifts.evaluate_real_labels(model, source, req.real, **shift_kw)
+    if req.throughput:
+        from ..optim.factory import OptimConfig
+
+        ocfg = from_dict(OptimConfig, run.config.get("optim", {}))
+        base = torch.optim.AdamW if ocfg.name == "adamw" else torch.optim.SGD
+
+        def factory(params: Any) -> torch.optim.Optimizer:
+            return base(params, lr=ocfg.lr)
+
+        bs = min(req.batch_size, 64)  # training steps hold activations for backward
+        out["throughput"] = {
+            "inference": throughput.inference_throughput(model, req.batch_size, bundle.img_size,
+                                                         spec["in_chans"], req.device),
+            "training": throughput.sam_overhead(model, factory, bs, bundle.img_size,
+                                                spec["in_chans"], device=req.device,
+                                                num_classes=spec["num_classes"]),
+        }
+    out["time_s"] = time.perf_counter() - t0
+    path = Path(run_dir) / "eval.json"
+    merged = read_json(path, "evaluation file") if path.exists() else {}
+    merged.update({k: v for k, v in out.items() if k != "time_s"})
+    atomic_write_json(path, merged)
+    return out
+
+
+def report(results: dict[str, dict[str, Any]], req: EvalRequest, baseline: str | None = None,
+           out: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Print tables for evaluated runs; corruption tables, mCE and heatmaps when present."""
+    from . import robustness
+
+    print(f"\n{'run':<40} {'top-1':>7} {'top-5':>7} {'ECE':>6} {'NLL':>7}")
+    for run, r in results.items():
+        t = r["test"]
+        top5 = f"{t['top5'] * 100:6.2f}%" if t.get("top5") is not None else "     -"
+        print(f"{Path(run).name:<40} {t['top1'] * 100:6.2f}% {top5} {t['ece']:6.3f} {t['nll']:7.4f}")
+    for key, label in (("folder", "second test folder"), ("class_mapped", "class-mapped folder"),
+                       ("real", "ReaL labels")):
+        for run, r in results.items():
+            if key in r:
+                top5 = r[key].get("top5")
+                print(f"{label}: {Path(run).name}: top-1 {r[key]['top1'] * 100:.2f}%"
+                      + (f", top-5 {top5 * 100:.2f}%" if top5 is not None else ""))
+    for run, r in results.items():
+        if "throughput" in r:
+            inf, tr = r["throughput"]["inference"], r["throughput"]["training"]
+            print(f"throughput: {Path(run).name}: inference {inf['images_per_s']:.1f} img/s "
+                  f"({inf['images_per_s_per_core']:.1f} per core); training "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in tr.items() if isinstance(v, float)))
+    summary: dict[str, Any] = {}
+    if req.corruptions:
+        base: Any = None
+        if baseline == "alexnet":
+            base = "alexnet"
+        elif baseline:
+            base = evaluate_run(baseline, replace(req, folder=None, mapped_folder=None,
+                                                  real=None, throughput=False),
+                                progress)["corruptions"]
+        runs = [(Path(run).name, r["corruptions"]) for run, r in results.items()]
+        print(f"\ncorruption set {req.corruptions} ({runs[0][1].get('params')} parameters)")
+        print(robustness.corruption_errors_table(runs, base))
+        for run, r in results.items():
+            robustness.heatmap([(Path(run).name, r["corruptions"])],
+                               Path(run) / "corruption_heatmap.png")
+            if base is not None:
+                summary[run] = robustness.mce_from_results(r["corruptions"], base)
+                path = Path(run) / "eval.json"
+                merged = read_json(path, "evaluation file")
+                merged["mce"] = {**summary[run], "baseline": baseline}
+                atomic_write_json(path, merged)
+        if len(runs) > 1:
+            dest = Path(out) if out else Path(next(iter(results))).parent / "compare"
+            dest.mkdir(parents=True, exist_ok=True)
+            print(f"heatmap -> {robustness.heatmap(runs, dest / 'corruption_heatmap.png')}")
+    return summary
+
+
+def corruption_source(data: str, root: str | None, run_dir: str | None, img_size: int | None,
+                      limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Test images uint8 (N, C, H, W), labels, and a description, for ``build_corruption_set``."""
+    if run_dir:
+        run = load_run(run_dir)
+        cfg = replace(from_dict(DataConfig, run.config["data"]),
+                      img_size=img_size or int(run.model_spec["img_size"]))
+    else:
+        cfg = DataConfig(source=data, root=root, img_size=img_size)
+    bundle = build_data(cfg)
+    test = random_subset(bundle.test, limit, seed) if limit else bundle.test
+    if isinstance(test, ImageFiles):
+        from .shifts import decode_for_eval
+
+        images = torch.from_numpy(np.stack([decode_for_eval(p, bundle.img_size, bundle.in_chans)
+                                            for p in test.paths]))
+    else:
+        images = test.images
+        if img_size and images.shape[-1] != img_size:
+            from .metrics import preprocess
+
+            x = preprocess(images, [0.0] * images.shape[1], [1.0] * images.shape[1], img_size)
+            images = (x * 255).round().clamp(0, 255).to(torch.uint8)
+    return images, test.labels, bundle.description
