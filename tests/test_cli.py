@@ -55,3 +55,29 @@ def test_bad_input_gives_one_line_errors(argv, message, capsys) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_corrupt_and_eval_chain(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "mnist-resnet-sam", "--smoke", "--quiet", "--run-dir",
+                 str(run)]) == 0
+    cset = tmp_path / "mnist-c"
+    assert main(["corrupt", "--out", str(cset), "--limit", "12", "--corruptions",
+                 "gaussian_noise,pixelate", "--severities", "1,5", "--workers", "1",
+                 "--quiet"]) == 0
+    assert (cset / "manifest.json").exists() and (cset / "contact_sheet.png").exists()
+    # ReaL-style labels that are exactly the true labels must reproduce plain top-1.
+    from vitsam.data import DataConfig, build_data
+
+    test_labels = build_data(DataConfig()).test.labels.tolist()
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps([[y] for y in test_labels]))
+    assert main(["eval", str(run), "--corruptions", str(cset), "--baseline", str(run),
+                 "--real", str(real), "--throughput", "--batch-size", "64", "--quiet"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["mce"]["mCE"] == pytest.approx(1.0)  # a run against itself (fraction)
+    assert set(result["corruptions"]["accuracy"]) == {"gaussian_noise", "pixelate"}
+    assert result["real"]["top1"] == pytest.approx(result["test"]["top1"])
+    assert result["throughput"]["inference"]["images_per_s"] > 0
+    assert (run / "corruption_heatmap.png").exists()
+    assert "mCE" in capsys.readouterr().out
