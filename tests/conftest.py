@@ -1,10 +1,7 @@
 """Test-wide settings: the tests use tiny tensors, for which one thread is fastest and does not
 contend with other processes on a small machine."""
-import os
-
 import matplotlib
 import torch
 
 matplotlib.use("Agg")
 torch.set_num_threads(1)
-os.environ.setdefault("VITSAM_CACHE", os.path.expanduser("~/.cache/vitsam"))
