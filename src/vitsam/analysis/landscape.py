@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -46,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from ..io import atomic_write_json
 
 Batch = tuple[Tensor, Tensor]
 
@@ -216,10 +217,8 @@ def _load_state(path: Path, fingerprint: str) -> dict[str, list]:
 
 
 def _save_state(path: Path, fingerprint: str, rows: dict[str, list]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, **rows}))
-    os.replace(tmp, path)  # atomic: a crash leaves either the old or the new complete file
+    # Atomic: a crash leaves either the old or the new complete file.
+    atomic_write_json(path, {"fingerprint": fingerprint, **rows})
 
 
 def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = LandscapeConfig(),

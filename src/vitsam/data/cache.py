@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ..io import atomic_writer
+
 CACHE_VERSION = 1
 
 
@@ -58,11 +60,6 @@ def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[]
         except Exception:  # noqa: BLE001 - any unreadable entry is simply rebuilt
             pass
     data = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_writer(path) as fh:
+        torch.save(data, fh)
     return data

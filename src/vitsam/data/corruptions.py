@@ -46,9 +46,7 @@ import hashlib
 import importlib.metadata
 import json
 import multiprocessing as mp
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -58,7 +56,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write_json, sha256_file
+from ..io import atomic_write_json, atomic_writer, sha256_file
 from . import cifar_c
 
 FORMAT = "vitsam-corruptions/1"
@@ -245,18 +243,9 @@ def _can_spawn() -> bool:
 # ---------------------------------------------------------------- files
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> str:
-    """Write ``arr`` as .npy through a temporary file and a rename; returns its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``arr`` as .npy atomically; returns its sha256."""
+    with atomic_writer(path) as fh:
+        np.save(fh, arr)
     return sha256_file(path)
 
 

@@ -20,7 +20,6 @@ size differs. A file Pillow cannot read raises a one-line ValueError naming it.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import read_json
 from .metrics import MetricAccumulator, model_logits, preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -132,15 +132,7 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def _load_json(obj: Any, what: str) -> Any:
-    if isinstance(obj, (str, Path)):
-        path = Path(obj)
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{what} file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{what} file {path} is not valid JSON ({exc})") from None
-    return obj
+    return read_json(obj, f"{what} file") if isinstance(obj, (str, Path)) else obj
 
 
 def _train_index(value: Any, train_classes: Sequence[str] | None, key: str) -> int:
