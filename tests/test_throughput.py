@@ -64,28 +64,6 @@ def test_training_counts_steps_and_sam_doubles_passes():
     assert results[True]["images_per_s"] == pytest.approx(16.0)
 
 
-def test_fallback_sam_step_matches_hand_update():
-    torch.manual_seed(0)
-    net = nn.Linear(3, 2)
-    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
-    w0 = [p.detach().clone() for p in net.parameters()]
-    rho, lr = 0.1, 0.5
-
-    def loss_at(params):
-        return nn.functional.cross_entropy(x @ params[0].T + params[1], y)
-
-    p = [w.clone().requires_grad_() for w in w0]
-    g = torch.autograd.grad(loss_at(p), p)
-    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
-    q = [(w + rho * gi / norm).requires_grad_() for w, gi in zip(w0, g)]
-    g_adv = torch.autograd.grad(loss_at(q), q)
-    expected = [w - lr * ga for w, ga in zip(w0, g_adv)]
-
-    T._plain_step(net, x, y, torch.optim.SGD(net.parameters(), lr=lr), sam=True, rho=rho)
-    for got, want in zip(net.parameters(), expected):
-        assert torch.allclose(got, want, atol=1e-6)
-
-
 def test_threads_restored_and_bad_arguments():
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     old = torch.get_num_threads()

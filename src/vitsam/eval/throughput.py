@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..optim import SAM, train_step
 
 Timer = Callable[[], float]
 
@@ -117,53 +118,10 @@ def inference_throughput(
         model.train(was_training)
 
 
-def _project_train_step() -> Callable[..., Any] | None:
-    """The project's training step when the optimisation layer provides one."""
-    try:
-        from ..optim.steps import train_step  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return train_step
-
-
-def _project_sam() -> type | None:
-    try:
-        from ..optim import SAM  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from ..optim.sam import SAM  # type: ignore[import-not-found]
-        except ImportError:
-            return None
-    return SAM
-
-
 def _constructor_kwargs(opt: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimiser's settings that its constructor accepts (``defaults`` can hold internal keys)."""
     accepted = inspect.signature(type(opt).__init__).parameters
     return {k: v for k, v in opt.defaults.items() if k in accepted}
-
-
-def _plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-                sam: bool, rho: float) -> None:
-    """One optimiser step; with ``sam`` the two-pass SAM update (ascent to w + rho g/|g|, gradient there)."""
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    if sam:
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
-        scale = rho / (norm + 1e-12)
-        eps = []
-        with torch.no_grad():
-            for p in params:
-                e = p.grad * scale
-                p.add_(e)
-                eps.append(e)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        with torch.no_grad():
-            for p, e in zip(params, eps):
-                p.sub_(e)
-    opt.step()
 
 
 def training_throughput(
@@ -184,12 +142,10 @@ def training_throughput(
     """Throughput of full training steps (forward, backward, update), without or with SAM.
 
     ``optimizer_factory(params)`` builds the base optimiser (e.g. ``lambda p: torch.optim.AdamW(p, lr=1e-3)``).
-    With ``sam`` it is wrapped in the project's ``vitsam.optim.SAM`` (same class and settings,
-    radius ``rho``) when that exists, and each step is the project's ``train_step`` when
-    ``vitsam.optim.steps`` exists; otherwise a plain two-pass SAM step is used. A deep copy of
-    ``model`` is trained, so the caller's weights are unchanged. Returns the keys of
-    ``inference_throughput`` with ``steps`` as repeats, plus ``settings['sam']`` and
-    ``settings['step']`` (which implementation ran).
+    With ``sam`` it is wrapped in ``vitsam.optim.SAM`` (same class and settings, radius ``rho``);
+    each step is ``vitsam.optim.train_step``, as in training. A deep copy of ``model`` is trained,
+    so the caller's weights are unchanged. Returns the keys of ``inference_throughput`` with
+    ``steps`` as repeats, plus ``settings['sam']``.
     """
     _check_counts(batch_size, img_size, in_chans, warmup, steps)
     if sam and not rho > 0:
@@ -199,17 +155,15 @@ def training_throughput(
     base = optimizer_factory(net.parameters())
     if not isinstance(base, torch.optim.Optimizer):
         raise ValueError("optimizer_factory must return a torch.optim.Optimizer, e.g. lambda p: torch.optim.SGD(p, lr=0.1)")
-    step_fn, sam_cls = _project_train_step(), _project_sam()
-    if sam_cls is not None and isinstance(base, sam_cls):
+    if isinstance(base, SAM):
         if not sam:
             raise ValueError("optimizer_factory returned a SAM optimiser but sam=False; return the base "
                              "optimiser and choose with sam=True/False")
         opt = base
-    elif sam and sam_cls is not None:
-        opt = sam_cls(net.parameters(), type(base), rho=rho, **_constructor_kwargs(base))
+    elif sam:
+        opt = SAM(net.parameters(), type(base), rho=rho, **_constructor_kwargs(base))
     else:
         opt = base
-    use_project = step_fn is not None and (not sam or sam_cls is not None)
     with _threads(threads):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch_size, in_chans, img_size, img_size, generator=gen).to(dev)
@@ -219,10 +173,7 @@ def training_throughput(
         criterion = nn.CrossEntropyLoss()
 
         def one_step() -> None:
-            if use_project:
-                step_fn(net, criterion, x, y, opt)
-            else:
-                _plain_step(net, x, y, opt, sam, rho)
+            train_step(net, criterion, x, y, opt)
 
         for _ in range(warmup):
             one_step()
@@ -235,8 +186,7 @@ def training_throughput(
             times.append(timer() - t0)
         settings = {"mode": "training", "sam": sam, "rho": rho if sam else None, "batch_size": batch_size,
                     "img_size": img_size, "in_chans": in_chans, "warmup": warmup, "repeats": steps,
-                    "optimizer": type(opt).__name__,
-                    "step": "vitsam.optim.steps.train_step" if use_project else "plain"}
+                    "optimizer": type(opt).__name__}
         return _summary(times, batch_size, dev, settings)
 
 
