@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, TrainConfig, from_dict, to_dict, validate
 from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
 from ..data.sample import random_subset
+from ..eval.metrics import evaluate
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from ..models import count_params, create_model, make_spec
 from ..optim.factory import build_optimizer
@@ -70,24 +71,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Any, device: torch.device,
-             amp: torch.dtype | None = None) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` over (x, y) batches (eval mode)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += y.numel()
-    model.train(was_training)
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": n}
 
 
 def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -200,17 +183,16 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
                                 acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
             if is_time(step, timeline.eval_every, timeline.total_steps):
                 ev = evaluate(model, eval_batches(bundle.test, 256, bundle.mean, bundle.std,
-                                                  bundle.img_size, device), device, amp)
+                                                  bundle.img_size, device), device)
                 append_jsonl(metrics_path, {"step": step, "epoch": step / timeline.steps_per_epoch,
-                                            "test_loss": ev["loss"], "test_acc": ev["acc"]})
-                model.train()
+                                            "test_loss": ev["nll"], "test_acc": ev["top1"]})
             if is_time(step, timeline.ckpt_every, timeline.total_steps):
                 checkpoint(f"step-{step:08d}", step // timeline.steps_per_epoch,
                            time.perf_counter() - t0)
             if step >= timeline.total_steps:
                 break
     bar.close()
-    return _finish(run_dir, cfg, model, bundle, device, amp, step, time.perf_counter() - t0,
+    return _finish(run_dir, cfg, model, bundle, device, step, time.perf_counter() - t0,
                    metrics_path)
 
 
@@ -236,19 +218,19 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, sc
 
 
 def _finish(run_dir: Path, cfg: RunConfig, model: nn.Module, bundle: DataBundle,
-            device: torch.device, amp: torch.dtype | None, step: int, wall: float,
-            metrics_path: Path) -> dict[str, Any]:
+            device: torch.device, step: int, wall: float, metrics_path: Path) -> dict[str, Any]:
     """Final test and clean train accuracy, throughput, and ``final.json``."""
     test = evaluate(model, eval_batches(bundle.test, 256, bundle.mean, bundle.std, bundle.img_size,
-                                        device), device, amp)
+                                        device), device)
     sub = random_subset(bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
     train_acc = evaluate(model, eval_batches(sub, 256, bundle.mean, bundle.std, bundle.img_size,
-                                             device), device, amp)
+                                             device), device)
     rates = [r["images_per_s"] for r in read_jsonl(metrics_path) if "images_per_s" in r]
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
              "params": count_params(model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
              "steps": step, "epochs": step / max(steps_per_epoch(bundle, cfg.train.batch_size), 1),
-             "test_acc": test["acc"], "test_loss": test["loss"], "train_acc": train_acc["acc"],
+             "test_acc": test["top1"], "test_top5": test["top5"], "test_loss": test["nll"],
+             "test_ece": test["ece"], "train_acc": train_acc["top1"],
              "wall_time_s": wall,
              "train_images_per_s": sum(rates) / len(rates) if rates else None,
              "device": str(device)}
