@@ -39,6 +39,13 @@ def test_train_analyze_prune_chain(tmp_path, capsys) -> None:
     assert main(["prune", str(run), "--out", str(tmp_path / "pruned"), "--calib", "32",
                  "--no-speed"]) == 0
     assert (tmp_path / "pruned" / "prune.json").exists()
+    other = tmp_path / "vit2"
+    assert main(["train", "--preset", "mnist-vit", "--smoke", "--quiet", "--run-dir",
+                 str(other)]) == 0
+    assert main(["prune", str(run), str(other), "--out", str(tmp_path / "both"), "--calib", "16",
+                 "--curve", "--no-speed"]) == 0
+    assert (tmp_path / "both" / "prune_curve.png").exists()
+    assert (tmp_path / "both" / "vit2" / "prune.json").exists()
     assert main(["analyze", str(tmp_path / "pruned"), "--sparsity", "--quiet", "--batches", "1",
                  "--batch-size", "8"]) == 0
 

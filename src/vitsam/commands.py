@@ -62,8 +62,10 @@ def _add_prune(sub: Any) -> None:
     s = sub.add_parser("prune", help="remove idle MLP units; writes a new run folder",
                        description="Structured pruning of MLP hidden units that never activate "
                                    "on a calibration set (optionally down to a ratio).")
-    s.add_argument("run", metavar="RUN_DIR")
-    s.add_argument("--out", required=True, help="new run folder for the pruned model")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("--out", required=True, help="new run folder for the pruned model (with "
+                                                "several runs: a folder holding one per run "
+                                                "and the overlaid curve)")
     s.add_argument("--calib", type=int, default=256, help="calibration images (train split)")
     s.add_argument("--ratio", type=float, help="also remove the least active units down to "
                                                "this fraction of all MLP units removed")
@@ -78,21 +80,33 @@ def _add_prune(sub: Any) -> None:
 
 
 def _cmd_prune(args: argparse.Namespace) -> None:
-    from .analysis.prune import DEFAULT_RATIOS, prune_run
+    from .analysis.prune import DEFAULT_RATIOS, figures, prune_run
 
-    rep = prune_run(args.run, args.out, calib=args.calib, ratio=args.ratio, tol=args.tol,
-                    finetune_steps=args.finetune_steps, batch_size=args.batch_size,
-                    device=args.device, measure_speed=not args.no_speed,
-                    curve_ratios=DEFAULT_RATIOS if args.curve else None)
+    several = len(args.runs) > 1
+    curves = []
+    for run in args.runs:
+        out = Path(args.out) / Path(run).name if several else Path(args.out)
+        rep = prune_run(run, out, calib=args.calib, ratio=args.ratio, tol=args.tol,
+                        finetune_steps=args.finetune_steps, batch_size=args.batch_size,
+                        device=args.device, measure_speed=not args.no_speed,
+                        curve_ratios=DEFAULT_RATIOS if args.curve else None)
+        _print_prune(run, rep)
+        print(f"pruned run -> {out}")
+        if "curve" in rep:
+            curves.append((Path(run).name, rep["curve"]))
+    if several and curves:
+        print(f"accuracy against units removed -> {figures(curves, args.out)[0]}")
+
+
+def _print_prune(run: str, rep: dict[str, Any]) -> None:
     rows = [("parameters", "params_before", "params_after", "{:,.0f}"),
             ("FLOPs / image", "flops_before", "flops_after", "{:,.0f}"),
             ("images/s", "images_per_s_before", "images_per_s_after", "{:,.1f}"),
             ("test accuracy", "test_acc_before", "test_acc_after", "{:.4f}")]
-    print(f"{'':<16} {'before':>16} {'after':>16}")
+    print(f"\n{Path(run).name}\n{'':<16} {'before':>16} {'after':>16}")
     for label, a, b, fmt in rows:
         if a in rep and b in rep:
             print(f"{label:<16} {fmt.format(rep[a]):>16} {fmt.format(rep[b]):>16}")
-    print(f"pruned run -> {args.out}")
 
 
 def _add_eval(sub: Any) -> None:
