@@ -115,6 +115,53 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
+@dataclass
+class Trainer:
+    """Everything a run's loop touches, built from its config."""
+
+    cfg: RunConfig
+    bundle: DataBundle
+    timeline: Timeline
+    spec: dict[str, Any]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    criterion: nn.Module
+    step_cfg: StepConfig
+    device: torch.device
+
+    @classmethod
+    def build(cls, cfg: RunConfig) -> "Trainer":
+        validate(cfg)
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        device = pick_device(t.device)
+        amp = autocast_dtype(t.precision, device)
+        bundle = build_data(cfg.data)
+        timeline = Timeline.from_config(t, steps_per_epoch(bundle, t.batch_size))
+        torch.manual_seed(t.seed)
+        spec = make_spec(cfg.model.name, bundle.num_classes, bundle.img_size, bundle.in_chans,
+                         dict(cfg.model.kwargs))
+        model = create_model(spec["name"], spec["num_classes"], spec["img_size"],
+                             spec["in_chans"], **spec["kwargs"]).to(device)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, timeline.total_steps, timeline.warmup_steps,
+                                    t.decay)
+        scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+        step_cfg = StepConfig(clip_norm=t.clip_norm, micro_batch=t.micro_batch, m=cfg.optim.m,
+                              autocast_dtype=amp, reuse_randomness=cfg.optim.reuse_randomness,
+                              sync_perturbation=cfg.optim.sync_perturbation)
+        return cls(cfg, bundle, timeline, spec, model, optimizer, scheduler, scaler,
+                   nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), step_cfg, device)
+
+    def test_batches(self, split: Any = None) -> Any:
+        b = self.bundle
+        return eval_batches(b.test if split is None else split, 256, b.mean, b.std, b.img_size,
+                            self.device)
+
+
 def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
           resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train a run (or continue ``resume``, a run folder) and return its ``final.json`` record."""
@@ -124,87 +171,60 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
         if (run_dir / "final.json").exists():
             raise CheckpointError(f"{run_dir} already finished (final.json exists); "
                                   "start a new run instead of resuming")
-    assert cfg is not None, "train() needs a config or a run folder to resume"
-    validate(cfg)
-    t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = pick_device(t.device)
-    amp = autocast_dtype(t.precision, device)
-    bundle = build_data(cfg.data)
-    timeline = Timeline.from_config(t, steps_per_epoch(bundle, t.batch_size))
-
-    torch.manual_seed(t.seed)
-    spec = make_spec(cfg.model.name, bundle.num_classes, bundle.img_size, bundle.in_chans,
-                     dict(cfg.model.kwargs))
-    model = create_model(spec["name"], spec["num_classes"], spec["img_size"], spec["in_chans"],
-                         **spec["kwargs"]).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, timeline.total_steps, timeline.warmup_steps, t.decay)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    step_cfg = StepConfig(clip_norm=t.clip_norm, micro_batch=t.micro_batch, m=cfg.optim.m,
-                          autocast_dtype=amp, reuse_randomness=cfg.optim.reuse_randomness,
-                          sync_perturbation=cfg.optim.sync_perturbation)
-
+    if cfg is None:
+        raise ValueError("train() needs a config or a run folder to resume")
+    tr = Trainer.build(cfg)
+    tl, cfg_dict = tr.timeline, to_dict(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_dict = to_dict(cfg)
     metrics_path = run_dir / "metrics.jsonl"
     step, wall_before = 0, 0.0
     if resume is not None:
-        step, wall_before = _restore(run_dir, model, optimizer, scheduler, scaler, metrics_path)
+        step, wall_before = _restore(run_dir, tr, metrics_path)
     else:
         atomic_write_json(run_dir / "config.json", cfg_dict)
-
-    def checkpoint(name: str, epoch: int, wall: float) -> None:
-        save_checkpoint(run_dir, name, model, spec, cfg_dict, step, epoch, optimizer, scheduler,
-                        scaler, extra={"wall_time_s": wall}, keep=t.keep_checkpoints)
-
-    t0 = time.perf_counter() - wall_before
-    meter = _Meter()
-    bar = tqdm(total=timeline.total_steps, initial=step, disable=not progress, unit="step",
+    t0, meter = time.perf_counter() - wall_before, _Meter()
+    bar = tqdm(total=tl.total_steps, initial=step, disable=not progress, unit="step",
                desc=cfg.name, dynamic_ncols=True)
-    model.train()
-    while step < timeline.total_steps:
-        epoch, skip = divmod(step, timeline.steps_per_epoch)
+    tr.model.train()
+    while step < tl.total_steps:
+        epoch, skip = divmod(step, tl.steps_per_epoch)
         # Resuming mid-epoch skips the batches already seen (the epoch's order is seeded).
-        for x, y in train_batches(bundle, t.batch_size, epoch=epoch, seed=t.seed, device=device,
-                                  start_batch=skip):
-            meter.add(train_step(model, criterion, x, y, optimizer, scheduler, scaler, step_cfg))
+        for x, y in train_batches(tr.bundle, cfg.train.batch_size, epoch=epoch,
+                                  seed=cfg.train.seed, device=tr.device, start_batch=skip):
+            meter.add(train_step(tr.model, tr.criterion, x, y, tr.optimizer, tr.scheduler,
+                                 tr.scaler, tr.step_cfg))
             step += 1
             bar.update(1)
-            if is_time(step, timeline.log_every, timeline.total_steps):
-                rec = meter.flush()
-                rec.update(step=step, epoch=step / timeline.steps_per_epoch,
-                           lr=scheduler.get_last_lr()[0])
+            if is_time(step, tl.log_every, tl.total_steps):
+                rec = {**meter.flush(), "step": step, "epoch": step / tl.steps_per_epoch,
+                       "lr": tr.scheduler.get_last_lr()[0]}
                 append_jsonl(metrics_path, rec)
                 bar.set_postfix(epoch=f"{rec['epoch']:.2f}", loss=f"{rec['loss']:.3f}",
                                 acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
-            if is_time(step, timeline.eval_every, timeline.total_steps):
-                ev = evaluate(model, eval_batches(bundle.test, 256, bundle.mean, bundle.std,
-                                                  bundle.img_size, device), device)
-                append_jsonl(metrics_path, {"step": step, "epoch": step / timeline.steps_per_epoch,
+            if is_time(step, tl.eval_every, tl.total_steps):
+                ev = evaluate(tr.model, tr.test_batches(), tr.device)
+                append_jsonl(metrics_path, {"step": step, "epoch": step / tl.steps_per_epoch,
                                             "test_loss": ev["nll"], "test_acc": ev["top1"]})
-            if is_time(step, timeline.ckpt_every, timeline.total_steps):
-                checkpoint(f"step-{step:08d}", step // timeline.steps_per_epoch,
-                           time.perf_counter() - t0)
-            if step >= timeline.total_steps:
+            if is_time(step, tl.ckpt_every, tl.total_steps):
+                save_checkpoint(run_dir, f"step-{step:08d}", tr.model, tr.spec, cfg_dict, step,
+                                step // tl.steps_per_epoch, tr.optimizer, tr.scheduler,
+                                tr.scaler, extra={"wall_time_s": time.perf_counter() - t0},
+                                keep=cfg.train.keep_checkpoints)
+            if step >= tl.total_steps:
                 break
     bar.close()
-    return _finish(run_dir, cfg, model, bundle, device, step, time.perf_counter() - t0,
-                   metrics_path)
+    return _finish(run_dir, tr, step, time.perf_counter() - t0, metrics_path)
 
 
-def _restore(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
-             metrics_path: Path) -> tuple[int, float]:
+def _restore(run_dir: Path, tr: Trainer, metrics_path: Path) -> tuple[int, float]:
     """Load the latest checkpoint of ``run_dir`` into the training objects; returns (step, wall)."""
     state, weights, opt_tensors = read_checkpoint(resolve_checkpoint(run_dir, "last"))
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(unflatten_state(state["optimizer"], opt_tensors))
-    scheduler.load_state_dict(unflatten_state(state["scheduler"], opt_tensors))
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(unflatten_state(state["scaler"], opt_tensors))
+    tr.model.load_state_dict(weights)
+    tr.optimizer.load_state_dict(unflatten_state(state["optimizer"], opt_tensors))
+    tr.scheduler.load_state_dict(unflatten_state(state["scheduler"], opt_tensors))
+    if tr.scaler is not None and "scaler" in state:
+        tr.scaler.load_state_dict(unflatten_state(state["scaler"], opt_tensors))
     set_rng_state(state["rng"])
     step = int(state["step"])
     if metrics_path.exists():  # keep the interrupted log, but continue a clean one
@@ -217,22 +237,21 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, sc
     return step, float(state.get("extra", {}).get("wall_time_s", 0.0))
 
 
-def _finish(run_dir: Path, cfg: RunConfig, model: nn.Module, bundle: DataBundle,
-            device: torch.device, step: int, wall: float, metrics_path: Path) -> dict[str, Any]:
+def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
+            metrics_path: Path) -> dict[str, Any]:
     """Final test and clean train accuracy, throughput, and ``final.json``."""
-    test = evaluate(model, eval_batches(bundle.test, 256, bundle.mean, bundle.std, bundle.img_size,
-                                        device), device)
-    sub = random_subset(bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
-    train_acc = evaluate(model, eval_batches(sub, 256, bundle.mean, bundle.std, bundle.img_size,
-                                             device), device)
+    cfg = tr.cfg
+    test = evaluate(tr.model, tr.test_batches(), tr.device)
+    sub = random_subset(tr.bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
+    train_acc = evaluate(tr.model, tr.test_batches(sub), tr.device)
     rates = [r["images_per_s"] for r in read_jsonl(metrics_path) if "images_per_s" in r]
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
-             "params": count_params(model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
-             "steps": step, "epochs": step / max(steps_per_epoch(bundle, cfg.train.batch_size), 1),
+             "params": count_params(tr.model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
+             "steps": step, "epochs": step / tr.timeline.steps_per_epoch,
              "test_acc": test["top1"], "test_top5": test["top5"], "test_loss": test["nll"],
              "test_ece": test["ece"], "train_acc": train_acc["top1"],
              "wall_time_s": wall,
              "train_images_per_s": sum(rates) / len(rates) if rates else None,
-             "device": str(device)}
+             "device": str(tr.device)}
     atomic_write_json(run_dir / "final.json", final)
     return final
