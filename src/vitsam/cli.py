@@ -76,6 +76,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                               [f"out_dir={out}", *args.overrides])
         finals.append(train(cfg, progress=not args.quiet))
     _print_final(finals)
+    vit, vit_sam = finals[0]["run_dir"], finals[1]["run_dir"]
+    print(f"\nNext: compare the sharpness of the two ViTs and their class-token attention:\n"
+          f"  vitsam analyze {vit} {vit_sam} --hessian --landscape --attention")
 
 
 def build_parser() -> argparse.ArgumentParser:

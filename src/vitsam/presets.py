@@ -70,8 +70,10 @@ def _small(prefix: str, data: DataConfig, family: str, sam: bool, epochs: float,
     else:
         name, kw = ("vit-t4", _SMALL_VIT) if family == "vit" else ("mixer-t4", _SMALL_MIXER)
         model = ModelConfig(name, dict(kw) if prefix == "mnist" else {})
-        optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, sam=sam,
-                            rho=0.1 if family == "vit" else 0.2)
+        # The paper's smallest radii (ViT-S/32 0.05) suit the MNIST runs, which are far from
+        # converged after 15 epochs; CIFAR-10 runs take ViT-S/16's 0.1 and Mixer 0.2.
+        rho = 0.05 if prefix == "mnist" else (0.1 if family == "vit" else 0.2)
+        optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, sam=sam, rho=rho)
         train = TrainConfig(epochs=epochs, batch_size=batch, warmup_epochs=1, decay="cosine",
                             clip_norm=1.0)
     tag = "-sam" if sam else ""
@@ -89,7 +91,7 @@ def _registry() -> dict[str, Callable[[], RunConfig]]:
     for fam in ("vit", "mixer", "resnet"):
         for sam in (False, True):
             tag = "-sam" if sam else ""
-            reg[f"mnist-{fam}{tag}"] = (lambda f=fam, s=sam: _small("mnist", mnist, f, s, 8, 128))
+            reg[f"mnist-{fam}{tag}"] = (lambda f=fam, s=sam: _small("mnist", mnist, f, s, 15, 128))
             reg[f"c10-{fam}{tag}"] = (lambda f=fam, s=sam: _small("c10", c10, f, s, 100, 128))
     for model, info in MODELS.items():
         if info.img_size == 224:
