@@ -31,6 +31,7 @@ def _add_analyze(sub: Any) -> None:
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from .analysis.runner import ANALYSES, Request, analyze, draw, summarize
+    from .train.checkpoint import run_labels
 
     names = list(ANALYSES) if args.all else [n for n in ANALYSES if getattr(args, n)]
     if not names:
@@ -52,9 +53,10 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         print(f"  -> {Path(run_dir) / 'analysis.json'}")
     if len(args.runs) > 1:
         out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare"
+        labels = run_labels(args.runs)
         for name in names:
-            labelled = [(Path(r).name, per_run[r][name]["result"]) for r in args.runs]
-            draw(name, labelled, out)
+            draw(name, [(lab, per_run[r][name]["result"]) for lab, r in zip(labels, args.runs)],
+                 out)
         print(f"comparison figures -> {out}")
 
 
@@ -82,9 +84,11 @@ def _add_prune(sub: Any) -> None:
 def _cmd_prune(args: argparse.Namespace) -> None:
     from .analysis.prune import DEFAULT_RATIOS, figures, prune_run
 
+    from .train.checkpoint import run_labels
+
     several = len(args.runs) > 1
     curves = []
-    for run in args.runs:
+    for run, label in zip(args.runs, run_labels(args.runs)):
         out = Path(args.out) / Path(run).name if several else Path(args.out)
         rep = prune_run(run, out, calib=args.calib, ratio=args.ratio, tol=args.tol,
                         finetune_steps=args.finetune_steps, batch_size=args.batch_size,
@@ -93,7 +97,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         _print_prune(run, rep)
         print(f"pruned run -> {out}")
         if "curve" in rep:
-            curves.append((Path(run).name, rep["curve"]))
+            curves.append((label, rep["curve"]))
     if several and curves:
         print(f"accuracy against units removed -> {figures(curves, args.out)[0]}")
 

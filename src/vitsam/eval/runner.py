@@ -17,7 +17,7 @@ from ..config import from_dict
 from ..data import DataConfig, ImageFiles, build_data, eval_batches
 from ..data.sample import random_subset
 from ..io import atomic_write_json, read_json
-from ..train.checkpoint import load_run
+from ..train.checkpoint import load_run, run_labels
 from .metrics import evaluate
 
 
@@ -139,7 +139,8 @@ def report(results: dict[str, dict[str, Any]], req: EvalRequest, baseline: str |
             base = evaluate_run(baseline, replace(req, folder=None, mapped_folder=None,
                                                   real=None, throughput=False),
                                 progress)["corruptions"]
-        runs = [(Path(run).name, r["corruptions"]) for run, r in results.items()]
+        runs = [(label, r["corruptions"])
+                for label, r in zip(run_labels(list(results)), results.values())]
         print(f"\ncorruption set {req.corruptions} ({runs[0][1].get('params')} parameters)")
         print(robustness.corruption_errors_table(runs, base))
         for run, r in results.items():

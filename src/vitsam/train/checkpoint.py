@@ -248,3 +248,12 @@ def save_model_run(out_dir: str | Path, model: nn.Module, model_spec: dict, conf
     atomic_write_json(out / "config.json", config)
     save_checkpoint(out, "final", model, model_spec, config, step=step, epoch=0, extra=extra)
     return out
+
+
+def run_labels(run_dirs: list[str | Path]) -> list[str]:
+    """Short labels for figures: folder names without their time stamp, when still unique."""
+    import re
+
+    names = [Path(r).name for r in run_dirs]
+    short = [re.sub(r"-\d{8}-\d{6}(-\d+)?$", "", n) for n in names]
+    return short if len(set(short)) == len(short) else names
