@@ -8,13 +8,15 @@ Three sections per model (small ViT, MLP-Mixer, ResNet at 32 px, one batch):
    the reference (a Lanczos run at tol 1e-8).
 3. Default settings: every tool at the same tolerance (1e-3), iteration cap and batch, for
    k = 1 and 5: eigenvalues, HVPs, CPU and wall seconds, ratios to PyHessian, peak memory.
+   ``--repeat N`` runs every tool N times, interleaved, and reports median times.
 
 Every measurement runs in its own subprocess so that its peak resident memory can be read
 from ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak RSS) minus the RSS just before the
 call (``/proc/self/statm``): torch allocates outside Python's allocator, so tracemalloc would
 see nothing. Times cover the eigenvalue call only (model construction excluded). Tools
-(``--tools``): vitsam, vitsam-power, vitsam-random (random start vector), vitsam-func
-(torch.func HVPs), vitsam@TOL (other tolerance), pyhessian, curvlinops.
+(``--tools``): vitsam, vitsam-change (Lanczos stopped by PyHessian's test: relative change of
+the eigenvalues between two steps below tol), vitsam-power, vitsam-random (random start
+vector), vitsam-func (torch.func HVPs), vitsam@TOL (other tolerance), pyhessian, curvlinops.
 
     python bench/bench_hessian.py            # full run, about 14 minutes on one core
     python bench/bench_hessian.py --quick    # batch 32, ViT only, about 3 minutes
@@ -165,8 +167,9 @@ def measure_hessian(spec: dict, model: nn.Module, x: torch.Tensor, y: torch.Tens
         method = "power" if variant == "vitsam-power" else "lanczos"
         start = "random" if variant == "vitsam-random" else "gradient"
         backend = "func" if variant == "vitsam-func" else "auto"
+        stop = "change" if variant == "vitsam-change" else "residual"
         r = top_eigenvalues(model, loss, [(x, y)], k=k, method=method, tol=tol, max_iter=cap,
-                            start=start, backend=backend)
+                            start=start, backend=backend, stop=stop)
         vals, hvps = r.eigenvalues, r.num_hvps
     elif tool == "pyhessian":
         import importlib
@@ -293,8 +296,21 @@ def steps_to(hist: list, ref: float, rel: float) -> tuple[int, float] | None:
     return ok
 
 
-TOOLS_K1 = ["vitsam", "vitsam-power", "pyhessian", "curvlinops"]
-TOOLS_KN = ["vitsam", "pyhessian", "curvlinops"]
+TOOLS_K1 = ["vitsam", "vitsam-change", "vitsam-power", "pyhessian", "curvlinops"]
+TOOLS_KN = ["vitsam", "vitsam-change", "pyhessian", "curvlinops"]
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One row from repeated runs of the same spec: the first run's results with the median
+    wall, CPU seconds and peak memory (each taken separately)."""
+    ok = [r for r in runs if "seconds" in r]
+    if len(ok) < len(runs):
+        return next(r for r in runs if "seconds" not in r)
+    row = dict(ok[0])
+    for key in ("seconds", "cpu_seconds", "peak_mb"):
+        row[key] = float(np.median([r[key] for r in ok]))
+    row["repeats"] = len(ok)
+    return row
 
 
 def report(rows: list[dict]) -> None:
@@ -330,6 +346,8 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--max-iter", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per tool in the default-settings section (median times)")
     ap.add_argument("--data", default="auto", choices=("auto", "cifar", "random"))
     ap.add_argument("--tools", nargs="+", help="override the tool list (default: "
                     f"{' '.join(TOOLS_K1)} for k=1, {' '.join(TOOLS_KN)} for k>1)")
@@ -343,11 +361,13 @@ def main() -> None:
         return
     if args.quick:
         args.batch, args.models = 32, ["vit"]
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
     x, y, source = load_batch(args.batch, args.data)
     tmp = tempfile.NamedTemporaryFile(suffix=".pt", delete=False)
     torch.save({"x": x, "y": y}, tmp.name)
     print(f"# data: {source}, batch {args.batch}, tol {args.tol}, max_iter {args.max_iter}, "
-          f"threads {args.threads}, torch {torch.__version__}, cpus {os.cpu_count()}, "
+          f"threads {args.threads}, repeat {args.repeat}, torch {torch.__version__}, cpus {os.cpu_count()}, "
           f"load avg {os.getloadavg()[0]:.1f}")
     out: dict = {"default": [], "accuracy": [], "hvp": []}
     try:
@@ -385,10 +405,15 @@ def main() -> None:
                 continue
             for k in args.ks:
                 tools = args.tools or (TOOLS_K1 if k == 1 else TOOLS_KN)
+                specs = [dict(common, tool=t, k=k, tol=args.tol, max_iter=args.max_iter)
+                         for t in tools]
+                runs: list[list[dict]] = [[] for _ in specs]
+                for _ in range(args.repeat):  # interleaved, so load changes hit every tool
+                    for spec, got in zip(specs, runs):
+                        got.append(spawn(spec))
                 rows = []
-                for tool in tools:
-                    spec = dict(common, tool=tool, k=k, tol=args.tol, max_iter=args.max_iter)
-                    row = {**spec, **spawn(spec)}
+                for spec, got in zip(specs, runs):
+                    row = {**spec, **median_run(got)}
                     row.pop("data_file")
                     if "eigenvalues" in row:
                         got = np.asarray(row["eigenvalues"][:k])

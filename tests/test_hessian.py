@@ -109,6 +109,35 @@ def test_power_iteration_finds_largest_magnitude(cases):
     assert power.eigenvalues[0] == pytest.approx(float(ev[0]), rel=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_change_test_is_accurate_enough_and_never_costs_more(cases, kind, k):
+    model, batches, ev, _ = cases[kind]
+    want = ev.flip(0)[:k].numpy()
+    change = H.top_eigenvalues(model, CE, batches, k=k, tol=1e-3, stop="change")
+    residual = H.top_eigenvalues(model, CE, batches, k=k, tol=1e-3, stop="residual")
+    assert change.converged and change.stop == "change"
+    np.testing.assert_allclose(change.eigenvalues, want, rtol=1e-2)
+    np.testing.assert_allclose(residual.eigenvalues, want, rtol=1e-4)
+    assert change.num_hvps <= residual.num_hvps
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_change_test_stops_at_the_first_small_change(cases, method):
+    # Runs are deterministic, so capping the HVPs replays the first steps of the full run.
+    model, batches, ev, _ = cases["mlp"]  # top eigenvalue is also the largest in magnitude
+    tol = 1e-3
+    run = H.top_eigenvalues(model, CE, batches, tol=tol, stop="change", method=method)
+    n = run.num_hvps
+    assert run.converged and n >= 3
+    lam = [H.top_eigenvalues(model, CE, batches, tol=tol, stop="change", method=method,
+                             max_iter=m).eigenvalues[0] for m in (n - 2, n - 1)]
+    lam.append(run.eigenvalues[0])
+    assert abs(lam[1] - lam[0]) > tol * abs(lam[0])
+    assert abs(lam[2] - lam[1]) <= tol * abs(lam[1])
+    assert lam[2] == pytest.approx(float(ev[-1]), rel=1e-2)
+
+
 def test_lanczos_restarts_when_the_start_space_is_exhausted():
     # Linear softmax regression on one sample: the Hessian (diag(p) - p p^T) kron x x^T has
     # rank C - 1 = 2, so a Krylov space stops growing after 3 steps; k = 4 needs a restart.
@@ -228,6 +257,7 @@ def test_plugin_run_and_figures(cases, tmp_path):
     assert out["lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-3)
     assert out["num_params"] == hess.shape[0] and out["num_samples"] == 15
     assert out["config"]["k"] == 2 and len(out["top_eigenvalues"]) == 2
+    assert out["config"]["stop"] == "residual" and out["converged"]
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     with torch.no_grad():
@@ -245,6 +275,7 @@ def test_plugin_run_and_figures(cases, tmp_path):
         (dict(tol=0.0), "tol must be"),
         (dict(backend="jax"), "unknown HVP backend"),
         (dict(start="ones"), "unknown start vector"),
+        (dict(stop="gap"), "unknown stopping test"),
         (dict(k=10_000), "exceeds the number of parameters"),
     ],
 )

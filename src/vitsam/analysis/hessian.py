@@ -40,6 +40,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 METHODS = ("lanczos", "power")
+STOPS = ("residual", "change")
 BACKENDS = ("auto", "autograd", "func")
 STARTS = ("gradient", "random")
 
@@ -307,7 +308,8 @@ class EigenResult:
     eigenvalues: list of k floats (loss units per parameter unit squared); eigenvectors: (k, P)
     unit vectors or None; residuals: ``||H v - theta v|| / |theta|`` per pair (Lanczos: the
     standard Ritz estimate ``beta_m * |s_m|``, exact in exact arithmetic with full
-    reorthogonalisation); num_hvps: Hessian-vector products used.
+    reorthogonalisation), reported whatever the stopping test; num_hvps: Hessian-vector
+    products used; converged: the ``stop`` test was met (or the Krylov space was exhausted).
     """
 
     eigenvalues: list[float]
@@ -318,6 +320,7 @@ class EigenResult:
     method: str
     backend: str
     seconds: float = 0.0
+    stop: str = "residual"
 
 
 def _tridiag(alpha: Sequence[float], beta: Sequence[float]) -> np.ndarray:
@@ -393,34 +396,48 @@ def lanczos(
     return np.asarray(alpha), np.asarray(beta), beta[-1], basis[:m]
 
 
+def _rel_scale(theta: np.ndarray) -> np.ndarray:
+    """|theta| floored so that relative tests still work for exact zero eigenvalues."""
+    return np.maximum(np.abs(theta), 1e-12 * np.max(np.abs(theta)) + 1e-300)
+
+
 def _lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torch.Tensor,
-                 basis_device, return_vectors: bool, progress: bool):
-    def scale(theta: np.ndarray) -> np.ndarray:
-        # Relative residual, floored so that exact zero eigenvalues can converge too.
-        return np.maximum(np.abs(theta), 1e-12 * np.max(np.abs(theta)) + 1e-300)
+                 basis_device, return_vectors: bool, progress: bool, stop_test: str):
+    prev: list[np.ndarray] = []  # the wanted Ritz values of the previous step (change test)
+    hit = [False]
 
     def stop(theta: np.ndarray, s: np.ndarray, b: float) -> bool:
         if len(theta) < k:
             return False
-        res = b * np.abs(s[-1, -k:])
-        return bool(np.all(res <= tol * scale(theta)[-k:]))
+        if stop_test == "residual":
+            res = b * np.abs(s[-1, -k:])
+            hit[0] = bool(np.all(res <= tol * _rel_scale(theta)[-k:]))
+            return hit[0]
+        top = theta[-k:]
+        if prev:
+            # Against the previous values, as a between-iterations change is defined.
+            hit[0] = bool(np.all(np.abs(top - prev[0]) <= tol * _rel_scale(prev[0])))
+        prev[:] = [top.copy()]
+        return hit[0]
 
     alpha, beta, last_b, basis = lanczos(op.matvec, v0, max_iter, stop, basis_device, progress,
                                          desc="hessian lanczos")
     theta, s = np.linalg.eigh(_tridiag(alpha, beta))
     order = np.argsort(theta)[::-1][:k]
     vals = theta[order]
-    res = last_b * np.abs(s[-1, order]) / scale(theta)[order]
+    res = last_b * np.abs(s[-1, order]) / _rel_scale(theta)[order]
     vecs = None
     if return_vectors:
         coeff = torch.as_tensor(s[:, order].T.copy(), dtype=basis.dtype, device=basis.device)
         vecs = coeff @ basis
-    converged = len(vals) == k and bool(np.all(res <= tol))
+    # A Krylov space that filled up (or became invariant) holds exact eigenpairs: residual ~ 0.
+    converged = len(vals) == k and (hit[0] or bool(np.all(res <= tol)))
     return [float(x) for x in vals], vecs, [float(r) for r in res], converged
 
 
 def _power_top(op: HessianOperator, k: int, tol: float, max_iter: int,
-               make_start: Callable[[], torch.Tensor], return_vectors: bool, progress: bool):
+               make_start: Callable[[], torch.Tensor], return_vectors: bool, progress: bool,
+               stop_test: str):
     found: list[torch.Tensor] = []
     vals: list[float] = []
     res_list: list[float] = []
@@ -435,16 +452,20 @@ def _power_top(op: HessianOperator, k: int, tol: float, max_iter: int,
     for _ in range(k):
         v = deflate(make_start())
         v = v / v.norm()
-        theta, rel = 0.0, math.inf
+        theta, rel, ok = math.nan, math.inf, False
         for _ in range(max_iter):
             w = deflate(op.matvec(v))
-            theta = float(v @ w)
+            last, theta = theta, float(v @ w)
             rel = float((w - theta * v).norm()) / max(abs(theta), 1e-30)
             bar.update(1)
-            if rel <= tol:
+            if stop_test == "residual":
+                ok = rel <= tol
+            else:  # nan on the first step: no change to measure yet
+                ok = abs(theta - last) <= tol * max(abs(last), 1e-30)
+            if ok:
                 break
             v = w / w.norm()
-        converged &= rel <= tol
+        converged &= ok
         found.append(v)
         vals.append(theta)
         res_list.append(rel)
@@ -453,7 +474,7 @@ def _power_top(op: HessianOperator, k: int, tol: float, max_iter: int,
     return vals, vecs, res_list, converged
 
 
-def _validate(k: int, tol: float, max_iter: int, method: str) -> None:
+def _validate(k: int, tol: float, max_iter: int, method: str, stop: str) -> None:
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if not tol > 0:
@@ -462,6 +483,8 @@ def _validate(k: int, tol: float, max_iter: int, method: str) -> None:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if method not in METHODS:
         raise ValueError(f"unknown eigen-solver {method!r}; choose one of {METHODS}")
+    if stop not in STOPS:
+        raise ValueError(f"unknown stopping test {stop!r}; choose one of {STOPS}")
 
 
 def top_eigenvalues(
@@ -471,6 +494,7 @@ def top_eigenvalues(
     k: int = 1,
     method: str = "lanczos",
     tol: float = 1e-3,
+    stop: str = "residual",
     max_iter: int = 100,
     return_eigenvectors: bool = False,
     backend: str = "auto",
@@ -484,8 +508,19 @@ def top_eigenvalues(
     """The k largest Hessian eigenvalues of the mean loss over all ``batches`` (one operator).
 
     batches: list of (x (B, ...), y (B,)) pairs of any sizes; the HVP is the size-weighted sum
-    of per-batch HVPs, so the result is the spectrum of the full-data Hessian. Convergence:
-    every wanted pair has ``||H v - theta v|| <= tol * |theta|``.
+    of per-batch HVPs, so the result is the spectrum of the full-data Hessian.
+
+    stop: the convergence test, met by every wanted eigenvalue theta.
+    ``"residual"`` (default): ``||H v - theta v|| <= tol * |theta|`` (ARPACK's test). It
+    certifies the pair itself: an eigenvalue of H lies within ``tol |theta|`` of theta, the
+    error shrinks with the squared residual (about ``tol**2 |theta| / relative gap``), and a
+    slowly converging run cannot pass it by stalling. ``"change"``: ``|theta - theta_prev| <= tol * |theta_prev|``
+    between two consecutive Lanczos steps / power iterations (PyHessian's test). Fewer HVPs,
+    but it bounds only the progress of one step, not the error: when convergence is slow, as
+    for power iteration with close top eigenvalues, it stops while the estimate is still far
+    off. The residual test stays the default because analyses compare lambda_max between
+    runs (SAM vs not) and need an error they can trust; use ``"change"`` to match PyHessian's
+    semantics or for quick estimates.
 
     method: ``"lanczos"`` (default; full reorthogonalisation, at most ``max_iter`` HVPs in
     total, returns the largest *algebraic* eigenvalues) or ``"power"`` (power iteration with
@@ -495,7 +530,7 @@ def top_eigenvalues(
     ``"random"``, see ``HessianOperator.start_vector``; ``seed`` fixes the random part.
     Model mode, buffers, weights and RNG state are unchanged afterwards.
     """
-    _validate(k, tol, max_iter, method)
+    _validate(k, tol, max_iter, method, stop)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     with analysis_state(model, train_mode):
@@ -505,13 +540,13 @@ def top_eigenvalues(
         if method == "lanczos":
             v0 = op.start_vector(gen, start)
             vals, vecs, res, ok = _lanczos_top(op, k, tol, max_iter, v0, basis_device,
-                                               return_eigenvectors, progress)
+                                               return_eigenvectors, progress, stop)
         else:
             vals, vecs, res, ok = _power_top(op, k, tol, max_iter,
                                              lambda: op.start_vector(gen, start),
-                                             return_eigenvectors, progress)
+                                             return_eigenvectors, progress, stop)
     return EigenResult(vals, vecs, res, op.num_hvps, ok, method, op.backend,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, stop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,7 +705,8 @@ def plot_density(results: Sequence[tuple[str, DensityResult | dict]], path: str 
 class HessianConfig:
     """Settings of the Hessian analysis (loss: cross-entropy on the given batches).
 
-    k eigenvalues by ``method`` to relative residual ``tol`` within ``max_iter`` HVPs;
+    k eigenvalues by ``method`` to tolerance ``tol`` under the ``stop`` test (``"residual"``
+    or ``"change"``, see ``top_eigenvalues``) within ``max_iter`` HVPs;
     ``trace_probes`` Hutchinson probes (0 skips the trace); ``density`` runs SLQ with
     ``density_steps`` Lanczos steps; ``train_mode`` uses batch statistics in normalisation.
     """
@@ -678,6 +714,7 @@ class HessianConfig:
     k: int = 1
     method: str = "lanczos"
     tol: float = 1e-3
+    stop: str = "residual"
     max_iter: int = 100
     trace_probes: int = 20
     density: bool = False
@@ -699,7 +736,7 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: HessianConfig = HessianCon
     loss_fn = nn.CrossEntropyLoss()
     common = dict(backend=cfg.backend, train_mode=cfg.train_mode, seed=cfg.seed)
     eig = top_eigenvalues(model, loss_fn, batches, k=cfg.k, method=cfg.method, tol=cfg.tol,
-                          max_iter=cfg.max_iter, progress=None, **common)
+                          stop=cfg.stop, max_iter=cfg.max_iter, progress=None, **common)
     with analysis_state(model, cfg.train_mode):
         op = HessianOperator(model, loss_fn, batches, "autograd", cache_graph=False)
         loss = op.loss()

@@ -129,7 +129,8 @@ def report(results: dict[str, dict[str, Any]], req: EvalRequest, baseline: str |
             inf, tr = r["throughput"]["inference"], r["throughput"]["training"]
             print(f"throughput: {Path(run).name}: inference {inf['images_per_s']:.1f} img/s "
                   f"({inf['images_per_s_per_core']:.1f} per core); training "
-                  + ", ".join(f"{k} {v:.3g}" for k, v in tr.items() if isinstance(v, float)))
+                  f"{tr['plain']['images_per_s']:.1f} img/s, with SAM "
+                  f"{tr['sam']['images_per_s']:.1f} img/s ({tr['slowdown']:.2f}x slower)")
     summary: dict[str, Any] = {}
     if req.corruptions:
         base: Any = None
