@@ -99,6 +99,9 @@ class SAM(Optimizer):
         self.track_cosine = track_cosine
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, old value) while perturbed
         self._clean: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, clean gradient copy)
+        self._eps: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, perturbation)
+        self._eps_is_grad = False  # eps is a positive multiple of the whole clean gradient
+        self._bufs: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pending = False  # first_step done, second_step not yet
         nan = torch.tensor(float("nan"))
         self.last_grad_norm = nan
@@ -112,7 +115,8 @@ class SAM(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._saved, self._clean, self._pending = [], [], False
+        self._saved, self._clean, self._eps, self._pending = [], [], [], False
+        self._eps_is_grad, self._bufs = False, {}
         nan = torch.tensor(float("nan"))
         self.last_grad_norm = self.last_eps_norm = self.last_grad_cosine = nan
 
@@ -156,7 +160,12 @@ class SAM(Optimizer):
         device = norms[0].device
         norms = [n.to(device) for n in norms]
         self.last_grad_norm = torch.linalg.vector_norm(torch.stack(norms))
-        self._clean = list(zip(params, [g.clone() for g in grads])) if self.track_cosine else []
+        # The cosine needs the clean gradient in the second step. When every parameter is
+        # perturbed with one rho and no |w| scaling, eps is a positive multiple of it and is
+        # kept anyway; otherwise the gradient is copied.
+        self._eps_is_grad = len({f for f in flags}) == 1 and flags[0][0] > 0 and not flags[0][1]
+        need_copy = self.track_cosine and not self._eps_is_grad
+        self._clean = list(zip(params, [g.clone() for g in grads])) if need_copy else []
         self._pending = True
 
         idx = [i for i, (rho, _) in enumerate(flags) if rho > 0]
@@ -168,35 +177,54 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
+    def _buffers(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Reusable (saved weights, perturbation) buffers per parameter: fp32 for bf16/fp16
+        parameters, the parameter's dtype otherwise. Reusing them avoids allocating (and on the
+        CPU page-faulting) two parameter-sized copies every step."""
+        olds, epss = [], []
+        for p in params:
+            buf = self._bufs.get(p)
+            dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+            if buf is None or buf[0].shape != p.shape or buf[0].dtype != dtype or buf[0].device != p.device:
+                buf = (torch.empty_like(p, dtype=dtype), torch.empty_like(p, dtype=dtype))
+                self._bufs[p] = buf
+            olds.append(buf[0])
+            epss.append(buf[1])
+        return olds, epss
+
     def _perturb(self, params: list[torch.Tensor], grads: list[torch.Tensor],
                  grad_norms: list[torch.Tensor], flags: list[tuple[float, bool]]) -> None:
         device = grad_norms[0].device
-        # Old weights: fp32 masters for low-precision parameters, exact copies otherwise.
-        olds = [p.detach().float() if p.dtype in _LOW_PRECISION else p.detach().clone() for p in params]
+        olds, eps = self._buffers(params)
+        torch._foreach_copy_(olds, [p.detach() for p in params])  # exact (fp32 masters for bf16)
         # Per-parameter term whose norm sets the scale: g, or |w| * g for adaptive groups.
         term_norms = list(grad_norms)
         ada = [k for k, (_, adaptive) in enumerate(flags) if adaptive]
         if ada:
             terms = [olds[k].abs() * grads[k].to(olds[k].dtype) for k in ada]
-            ada_norms = torch._foreach_norm(terms, 2, dtype=grad_norms[0].dtype)
-            for k, n in zip(ada, ada_norms):
+            for k, n in zip(ada, torch._foreach_norm(terms, 2, dtype=grad_norms[0].dtype)):
                 term_norms[k] = n.to(device)
         total = torch.linalg.vector_norm(torch.stack(term_norms))
         # Zero norm -> no perturbation instead of 0/0.
         inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
-
-        eps = []
-        for p, g, old, (rho, adaptive) in zip(params, grads, olds, flags):
-            # fp32 arithmetic for bf16/fp16 parameters, the parameter's own precision otherwise
-            e = g.to(torch.float32 if g.dtype in _LOW_PRECISION else g.dtype) * (inv.to(g.device) * rho)
-            eps.append(e * old.square() if adaptive else e)
-        self.last_eps_norm = global_norm(eps)
-        for p, old, e in zip(params, olds, eps):
-            if p.dtype in _LOW_PRECISION:
-                p.copy_(old + e)  # fp32 sum, one rounding to the parameter dtype
-            else:
-                p.add_(e.to(p.dtype))
+        scales = {rho: inv * rho for rho in {r for r, _ in flags}}
+        for e, g, (rho, _) in zip(eps, grads, flags):  # one pass each, into the reused buffers
+            # bf16/fp16 gradients are widened first: the product is rounded once, in fp32.
+            torch.mul(g.to(e.dtype), scales[rho].to(g.device), out=e)
+        eps_norms = [n * (inv * rho) for n, (rho, _) in zip(term_norms, flags)]
+        if ada:
+            torch._foreach_mul_([eps[k] for k in ada], [olds[k].square() for k in ada])
+            for k, n in zip(ada, torch._foreach_norm([eps[k] for k in ada], 2)):
+                eps_norms[k] = n.to(device)
+        self.last_eps_norm = torch.linalg.vector_norm(torch.stack(eps_norms))
+        low = [k for k, p in enumerate(params) if p.dtype in _LOW_PRECISION]
+        high = [k for k, p in enumerate(params) if p.dtype not in _LOW_PRECISION]
+        if high:
+            torch._foreach_add_([params[k] for k in high], [eps[k] for k in high])
+        for k in low:
+            params[k].copy_(olds[k] + eps[k])  # fp32 sum, one rounding to the parameter dtype
         self._saved = list(zip(params, olds))
+        self._eps = list(zip(params, eps))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -213,7 +241,7 @@ class SAM(Optimizer):
             raise RuntimeError("SAM.base_step called while perturbed; call restore() first")
         self.base_optimizer.step()
         self._opt_called = True  # tells an attached LR scheduler that an optimiser step happened
-        self._clean = []
+        self._clean, self._eps = [], []
         self._pending = False
 
     @torch.no_grad()
@@ -228,6 +256,16 @@ class SAM(Optimizer):
             self.zero_grad(set_to_none=True)
 
     def _cosine(self) -> torch.Tensor:
+        if not self.track_cosine:
+            return torch.tensor(float("nan"))
+        if self._eps_is_grad:  # eps = c * g with c > 0: cos(g, g') = cos(eps, g')
+            pairs = [(e, p.grad) for p, e in self._eps if p.grad is not None]
+            if not pairs:
+                return torch.tensor(float("nan"))
+            dot = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1).to(a.dtype)) for a, b in pairs])
+            denom = self.last_eps_norm * global_norm([b for _, b in pairs]).to(dot.device)
+            cos = dot.sum().to(denom.dtype) / denom
+            return torch.where(denom > 0, cos, torch.full_like(cos, float("nan"))).clamp(-1.0, 1.0)
         pairs = [(c, p.grad) for p, c in self._clean if p.grad is not None]
         if not pairs:
             return torch.tensor(float("nan"))
