@@ -18,7 +18,7 @@ see nothing. Times cover the eigenvalue call only (model construction excluded).
 the eigenvalues between two steps below tol), vitsam-power, vitsam-random (random start
 vector), vitsam-func (torch.func HVPs), vitsam@TOL (other tolerance), pyhessian, curvlinops.
 
-    python bench/bench_hessian.py            # full run, about 14 minutes on one core
+    python bench/bench_hessian.py            # full run, about 15 minutes on one core
     python bench/bench_hessian.py --quick    # batch 32, ViT only, about 3 minutes
 """
 from __future__ import annotations

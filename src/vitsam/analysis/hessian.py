@@ -18,7 +18,10 @@ forward-over-reverse ``jvp(grad)`` cost the same on ViT (within run-to-run noise
 backward is 5-13 % cheaper on MLP-Mixer and ResNet; only double backward can reuse a cached
 graph (25-30 % cheaper again). ``backend="auto"`` therefore uses double backward for every
 family; ``"func"`` stays available. Lanczos reaches the same residual with 1.4-4.5x fewer HVPs
-than power iteration (far fewer for k > 1), so it is the default method.
+than power iteration (far fewer for k > 1), so it is the default method. Its default stopping
+test is the Ritz residual; ``stop="change"`` (PyHessian's test) stops 30-40 % earlier (top-1
+at tol 1e-3: 1e-4 to 1e-3 relative error) but can stop on a plateau far from the answer
+(MLP-Mixer at tol 1.5e-3: 5e-2 off), so it is opt-in.
 """
 from __future__ import annotations
 
@@ -514,11 +517,11 @@ def top_eigenvalues(
     ``"residual"`` (default): ``||H v - theta v|| <= tol * |theta|`` (ARPACK's test). It
     certifies the pair itself: an eigenvalue of H lies within ``tol |theta|`` of theta, the
     error shrinks with the squared residual (about ``tol**2 |theta| / relative gap``), and a
-    slowly converging run cannot pass it by stalling. ``"change"``: ``|theta - theta_prev| <= tol * |theta_prev|``
-    between two consecutive Lanczos steps / power iterations (PyHessian's test). Fewer HVPs,
-    but it bounds only the progress of one step, not the error: when convergence is slow, as
-    for power iteration with close top eigenvalues, it stops while the estimate is still far
-    off. The residual test stays the default because analyses compare lambda_max between
+    slowly converging run cannot pass it by stalling. ``"change"``:
+    ``|theta - theta_prev| <= tol * |theta_prev|`` between two consecutive Lanczos steps /
+    power iterations (PyHessian's test). 30-40 % fewer HVPs, but it bounds only the progress
+    of one step, not the error: where convergence stalls (close top eigenvalues) it stops
+    while the estimate is still far off (docs/benchmarks.md: 5e-2 on an MLP-Mixer). The residual test stays the default because analyses compare lambda_max between
     runs (SAM vs not) and need an error they can trust; use ``"change"`` to match PyHessian's
     semantics or for quick estimates.
 
