@@ -92,3 +92,55 @@ def test_keep_prunes_old_checkpoints_and_rng_round_trip(tmp_path) -> None:
     a = torch.rand(3)
     ck.set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
+
+
+def test_latest_pointer_to_a_removed_checkpoint_falls_back_and_keep_protects_latest(
+        tmp_path) -> None:
+    import shutil
+
+    model, spec = _model()
+    for s in range(1, 4):
+        ck.save_checkpoint(tmp_path, f"step-{s:08d}", model, spec, {}, s, 0)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000003")  # e.g. removed when damaged
+    assert ck.load_run(tmp_path).step == 2
+    # Resumed from step 2, the run writes step 3 again; keep=1 keeps only that newest one.
+    ck.save_checkpoint(tmp_path, "step-00000003", model, spec, {}, 3, 0, keep=1)
+    assert ck.list_checkpoints(tmp_path) == ["step-00000003"] and ck.load_run(tmp_path).step == 3
+
+
+def test_derived_runs_never_overwrite_a_training_run(tmp_path) -> None:
+    model, spec = _model()
+    ck.save_checkpoint(tmp_path / "trained", "step-00000001", model, spec, {}, 1, 0)
+    (tmp_path / "trained" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ck.CheckpointError, match="already holds a training run"):
+        ck.save_model_run(tmp_path / "trained", model, spec, {"name": "p"})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ck.CheckpointError, match="already holds other files"):
+        ck.save_model_run(tmp_path / "other", model, spec, {"name": "p"})
+    ck.save_model_run(tmp_path / "derived", model, spec, {"name": "p"})
+    ck.save_model_run(tmp_path / "derived", model, spec, {"name": "p2"})  # a re-run replaces it
+    assert ck.load_run(tmp_path / "derived").config == {"name": "p2"}
+    assert ck.list_checkpoints(tmp_path / "trained") == ["step-00000001"]
+
+
+def test_merge_json_keeps_a_damaged_file_aside(tmp_path, capsys) -> None:
+    from vitsam.io import merge_json, read_json
+
+    path = tmp_path / "analysis.json"
+    path.write_text('{"hessian": {"lambda_max": 3.0}')  # truncated
+    merge_json(path, {"ntk": {"kappa": 2.0}}, "analysis file")
+    assert read_json(path) == {"ntk": {"kappa": 2.0}}
+    assert (tmp_path / "analysis.damaged-0.json").read_text() == '{"hessian": {"lambda_max": 3.0}'
+    assert "kept it as" in capsys.readouterr().err
+    merge_json(path, {"sparsity": {"x": 1}})
+    assert set(read_json(path)) == {"ntk", "sparsity"}
+
+
+def test_saving_removes_folders_left_half_written_by_an_earlier_process(tmp_path) -> None:
+    model, spec = _model()
+    stale = tmp_path / "checkpoints" / ".tmp-step-00000002-999999999"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    ck.save_checkpoint(tmp_path, "step-00000001", model, spec, {}, 1, 0)
+    assert not stale.exists() and ck.list_checkpoints(tmp_path) == ["step-00000001"]

@@ -64,3 +64,24 @@ def test_paper_recipes() -> None:
     assert res.optim.name == "sgd" and not res.optim.sam and res.train.epochs == 90
     with pytest.raises(ConfigError, match="did you mean"):
         get_preset("in1k-vit-b16-sma")
+
+
+def test_union_fields_try_text_last_and_errors_name_the_typed_key() -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Settings:
+        heads: str | int = "mean"
+        limit: int | None = 3
+
+        def __post_init__(self) -> None:
+            if self.limit is not None and self.limit < 1:
+                raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+    got = apply_overrides(Settings(), ["heads=3", "limit=none"])
+    assert got.heads == 3 and got.limit is None
+    assert apply_overrides(Settings(), ["heads=mean"]).heads == "mean"
+    with pytest.raises(ConfigError, match=r"^attn\.limit=0: limit must be >= 1"):
+        apply_overrides(Settings(), ["limit=0"], prefix="attn.")
+    with pytest.raises(ConfigError, match="unknown config key 'attn.head'.*did you mean attn.heads"):
+        apply_overrides(Settings(), ["head=1"], prefix="attn.")

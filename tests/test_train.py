@@ -1,5 +1,6 @@
 """Training engine: timeline, end-to-end smoke runs, exact resume, run-folder contents."""
 import json
+import math
 
 import pytest
 import torch
@@ -29,9 +30,24 @@ def _tiny(tmp_path, *extra: str):
                                  "train.log_every_steps=2", *extra])
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted tiny SAM run (12 steps, checkpoints every 3, evaluation every 6)."""
+    tmp = tmp_path_factory.mktemp("full")
+    final = engine.train(_tiny(tmp), run_dir=tmp / "full", progress=False)
+    return tmp / "full", final
+
+
+def _same_weights(a_dir, b_dir) -> None:
+    a, b = load_run(a_dir).model, load_run(b_dir).model
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                  full_run) -> None:
     cfg = _tiny(tmp_path)
-    full = engine.train(cfg, run_dir=tmp_path / "full", progress=False)
+    full = full_run[1]
     real_step, calls = engine.train_step, {"n": 0}
 
     def crash_after_four(*args, **kwargs):
@@ -46,9 +62,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, monke
     monkeypatch.setattr(engine, "train_step", real_step)
     assert load_run(tmp_path / "cut").step == 3  # checkpoints every half epoch (3 steps)
     resumed = engine.train(resume=tmp_path / "cut", progress=False)
-    a, b = load_run(tmp_path / "full").model, load_run(tmp_path / "cut").model
-    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(pa, pb), name
+    _same_weights(full_run[0], tmp_path / "cut")
     assert resumed["test_acc"] == full["test_acc"] and resumed["steps"] == full["steps"] == 12
     # The interrupted log is kept aside; the continued log has each step exactly once.
     steps = [r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "loss" in r]
@@ -71,3 +85,104 @@ def test_run_folder_describes_itself(tmp_path) -> None:
     assert any("test_acc" in r for r in read_jsonl(run_dir / "metrics.jsonl"))
     run = load_run(run_dir)  # the folder alone rebuilds the model
     assert run.model_spec["in_chans"] == 1 and list_checkpoints(run_dir)
+
+
+def test_failed_evaluation_keeps_its_checkpoint_and_resume_evaluates_again(
+        tmp_path, monkeypatch, full_run) -> None:
+    real_eval = engine.evaluate
+
+    def fail_first_eval(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(engine, "evaluate", fail_first_eval)
+    with pytest.raises(RuntimeError):
+        engine.train(_tiny(tmp_path), run_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(engine, "evaluate", real_eval)
+    # The first evaluation is at step 6, which is also a checkpoint: saved before evaluating.
+    assert load_run(tmp_path / "cut").step == 6
+    engine.train(resume=tmp_path / "cut", progress=False)
+    _same_weights(full_run[0], tmp_path / "cut")
+    evals = [r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "test_acc" in r]
+    assert evals == [6, 12]
+    want = [r for r in read_jsonl(full_run[0] / "metrics.jsonl") if "test_acc" in r]
+    got = [r for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "test_acc" in r]
+    assert [r["test_acc"] for r in got] == [r["test_acc"] for r in want]
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, monkeypatch, full_run) -> None:
+    real_step, calls = engine.train_step, {"n": 0}
+
+    def crash_at_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", crash_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(_tiny(tmp_path), run_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(engine, "train_step", real_step)
+    assert not list_checkpoints(tmp_path / "cut")
+    assert engine.train(resume=tmp_path / "cut", progress=False)["steps"] == 12
+    _same_weights(full_run[0], tmp_path / "cut")
+
+
+def test_new_run_saves_an_absolute_data_root(tmp_path, monkeypatch) -> None:
+    seen = {}
+
+    def stop(cfg):
+        seen["root"] = cfg.data.root
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine.Trainer, "build", staticmethod(stop))
+    cfg = apply_overrides(get_preset("mnist-vit", smoke_size=True),
+                          ["data.source=imagefolder", "data.root=data/imgs"])
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(cfg, progress=False)
+    assert seen["root"] == str(tmp_path / "data" / "imgs")
+
+
+def test_images_per_s_leaves_out_evaluation_and_weights_intervals(monkeypatch) -> None:
+    clock = iter([0.0, 2.0, 2.0, 3.0, 3.0])  # start, flush at 2 s, next start; again
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    meter = engine._Meter()
+    meter.add({"loss": 1.0, "correct": 3.0, "n": 8.0, "skipped": 0.0})
+    meter.add({"loss": 3.0, "correct": 1.0, "n": 8.0, "skipped": 0.0})
+    meter.pause(1.5)  # 1.5 s of evaluation and checkpointing inside the interval
+    rec = meter.flush()
+    assert rec["loss"] == 2.0 and rec["acc"] == 4 / 16 and rec["images_per_s"] == 16 / 0.5
+    meter.add({"loss": 1.0, "sharpness": 0.5, "n": 8.0, "skipped": 0.0})
+    meter.add({"loss": 2.0, "sharpness": float("nan"), "n": 8.0, "skipped": 1.0})  # fp16 skip
+    rec = meter.flush()
+    assert rec["sharpness"] == 0.5 and rec["loss"] == 1.5 and rec["skipped_steps"] == 1.0
+    # 10 steps at 100 img/s then 2 steps at 400 img/s (same batch): 12 steps in 0.1 + 0.005 time
+    # units, not the plain mean 250.
+    records = [{"step": 10, "images_per_s": 100.0}, {"step": 10, "test_acc": 0.5},
+               {"step": 12, "images_per_s": 400.0}]
+    assert engine.overall_rate(records) == pytest.approx(12 / (10 / 100 + 2 / 400))
+
+
+def test_overrides_reach_the_step_and_a_strong_sam_bf16_run_completes(tmp_path) -> None:
+    cfg = apply_overrides(get_preset("mnist-vit-sam", smoke_size=True),
+                          [f"out_dir={tmp_path}", "data.augment=strong", "train.micro_batch=8",
+                           "optim.m=16", "train.precision=bf16", "train.max_steps=2"])
+    step_cfg = engine.Trainer.build(cfg).step_cfg
+    assert (step_cfg.micro_batch, step_cfg.m, step_cfg.autocast_dtype) == (8, 16, torch.bfloat16)
+    final = engine.train(cfg, progress=False)
+    logs = [r for r in read_jsonl(f"{final['run_dir']}/metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in logs] == [1, 2]
+    for r in logs:  # Mixup soft targets: loss and accuracy against argmax of the target
+        assert math.isfinite(r["loss"]) and math.isfinite(r["sharpness"]) and 0 <= r["acc"] <= 1
+        assert abs(r["eps_norm"] - 0.05) < 1e-3
+    assert 0 <= final["test_acc"] <= 1 and final["steps"] == 2
+
+
+def test_micro_batches_give_the_full_batch_step(tmp_path) -> None:
+    base = [f"out_dir={tmp_path}", "optim.name=sgd", "optim.lr=0.1", "train.max_steps=2"]
+    runs = []
+    for extra in ([], ["train.micro_batch=8"]):
+        cfg = apply_overrides(get_preset("mnist-vit", smoke_size=True), base + extra)
+        runs.append(load_run(engine.train(cfg, progress=False)["run_dir"]).model.state_dict())
+    for name, a in runs[0].items():
+        torch.testing.assert_close(runs[1][name], a, rtol=1e-5, atol=1e-6, msg=name)

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
-                                                     NotADirectoryError, PermissionError,
-                                                     RuntimeError, KeyError)
+# Errors that carry a message meant for the user (OSError: missing files, a file where a folder
+# is expected, a full disk, no permission); anything else is a bug and shows its traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, KeyError)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -42,9 +42,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .train.engine import train
 
     if args.resume:
-        if args.overrides or args.preset:
-            raise ValueError("--resume continues a run with its saved config; "
-                             "drop the preset and overrides")
+        if args.overrides or args.preset or args.smoke or args.run_dir:
+            raise ValueError("--resume continues a run in its own folder with its saved config; "
+                             "drop --preset, --smoke, --run-dir and the overrides")
         final = train(resume=args.resume, progress=not args.quiet)
     else:
         cfg = get_preset(args.preset, smoke_size=args.smoke) if args.preset else RunConfig()
@@ -119,20 +119,38 @@ def _plugins() -> list[Callable[[Any], None]]:
     return register_all()
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line printed for an expected error."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        # str(KeyError('x')) is "'x'": say what it is.
+        return f"missing key {exc.args[0]!r} ({type(exc).__name__})"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option: `train a=1 --smoke b=2`
+    # leaves b=2 over. Overrides may sit anywhere on the line, so gather them here.
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get("VITSAM_DEBUG") == "1"
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("vitsam: interrupted; `vitsam train --resume RUN_DIR` continues from the last "
-              "checkpoint", file=sys.stderr)
+        hint = ("; `vitsam train --resume RUN_DIR` continues from the last checkpoint"
+                if args.command in ("train", "demo") else
+                "; `vitsam corrupt` with the same arguments finishes the set"
+                if args.command == "corrupt" else "")
+        print(f"vitsam: interrupted{hint}", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as exc:
         if debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        print(f"vitsam: error: {msg}", file=sys.stderr)
+        print(f"vitsam: error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

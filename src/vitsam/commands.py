@@ -5,6 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import check_device
+
 
 def _add_analyze(sub: Any) -> None:
     from .analysis.runner import ANALYSES
@@ -39,6 +41,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
                          " ".join(f"--{n}" for n in ANALYSES) + " (or --all)")
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError("--batches and --batch-size must be positive")
+    check_device(args.device)
     req = Request(names, args.batches, args.batch_size, args.seed, args.device, args.checkpoint,
                   list(args.set))
     per_run = {}
@@ -86,7 +89,13 @@ def _cmd_prune(args: argparse.Namespace) -> None:
 
     from .train.checkpoint import run_labels
 
+    check_device(args.device)
     several = len(args.runs) > 1
+    names = [Path(r).name for r in args.runs]
+    if several and len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"several runs are named {', '.join(twice)}; their pruned copies would "
+                         f"share {Path(args.out) / twice[0]}: prune them in separate calls")
     curves = []
     for run, label in zip(args.runs, run_labels(args.runs)):
         out = Path(args.out) / Path(run).name if several else Path(args.out)
@@ -151,6 +160,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError("--baseline needs --corruptions (mCE is relative to a baseline's errors)")
     if args.root and not args.data:
         raise ValueError("--root goes with --data (the data source it is the root of)")
+    if args.real_images and not args.real:
+        raise ValueError("--real-images goes with --real (the labels of those images)")
+    check_device(args.device)
     req = EvalRequest(args.data, args.root, args.corruptions, args.folder, args.mapped_folder,
                       args.mapping, args.real, args.real_images, args.throughput,
                       args.batch_size, args.device, args.checkpoint)
@@ -188,8 +200,23 @@ def _cmd_corrupt(args: argparse.Namespace) -> None:
     from .data.corruptions import build_corruption_set, contact_sheet
     from .eval.runner import corruption_source
 
-    severities = [int(v) for v in args.severities.split(",") if v.strip()]
-    names = [c.strip() for c in args.corruptions.split(",")] if args.corruptions else None
+    try:
+        severities = [int(v) for v in args.severities.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--severities {args.severities!r} must be comma-separated integers "
+                         "from 1 to 5, e.g. 1,3,5") from None
+    names = None
+    if args.corruptions is not None:
+        names = [c.strip() for c in args.corruptions.split(",") if c.strip()]
+        if not names:
+            raise ValueError("--corruptions lists no names; give comma-separated corruption "
+                             "names (e.g. gaussian_noise,fog) or leave it out for all")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for the corruption set")
     images, labels, desc = corruption_source(args.data, args.root, args.run, args.img_size,
                                              args.limit, args.seed)
     out = build_corruption_set(images, labels, args.out, params=args.params, corruptions=names,

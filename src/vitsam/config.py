@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -12,6 +13,7 @@ from typing import Any, Mapping
 
 from .data import DataConfig
 from .optim.factory import OptimConfig
+from .optim.schedule import DECAYS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -118,7 +120,8 @@ def _parse(text: str, typ: Any, key: str) -> Any:
     if is_union:
         if text.lower() in ("none", "null") and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
+        # str accepts any text, so it is tried last (``heads: str | int`` with "3" is the int 3).
+        inner = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
         last: Exception | None = None
         for a in inner:
             try:
@@ -159,17 +162,21 @@ def _literal(text: str) -> Any:
     return text
 
 
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+def apply_overrides(cfg: Any, overrides: list[str], prefix: str = "") -> Any:
     """Apply ``section.key=value`` overrides (``model.kwargs.depth=2`` adds a model argument).
 
-    Unknown keys raise ConfigError naming the valid ones.
+    Unknown keys raise ConfigError naming the valid ones. ``prefix`` (e.g. ``"hessian."``) is
+    how the keys were typed before the config was chosen, for the error messages.
     """
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value "
+            raise ConfigError(f"override {prefix}{item!r} is not of the form key=value "
                               "(e.g. train.epochs=50)")
-        key, text = item.split("=", 1)
-        cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip())
+        key, text = (part.strip() for part in item.split("=", 1))
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {prefix}{item!r} has an empty key; write it as "
+                              "section.key=value (e.g. train.epochs=50)")
+        cfg = _set(cfg, key.split("."), text, prefix + key)
     return cfg
 
 
@@ -193,31 +200,94 @@ def _set(obj: Any, parts: list[str], text: str, full: str) -> Any:
             raise ConfigError(f"{full} is a section; set one of its keys, e.g. {full}."
                               f"{fields(cur)[0].name}=...")
         val = _literal(text) if isinstance(cur, Mapping) else _parse(text, hints[head], full)
-        return replace(obj, **{head: val})
+        try:
+            return replace(obj, **{head: val})
+        except ConfigError:
+            raise
+        except ValueError as exc:  # the section's own check (e.g. DataConfig.__post_init__)
+            raise ConfigError(f"{full}={text}: {str(exc).strip().splitlines()[0]}") from None
     if not (is_dataclass(cur) or isinstance(cur, Mapping)):
         raise ConfigError(f"{prefix + head} is a value, not a section; use {prefix + head}=...")
     return replace(obj, **{head: _set(cur, parts[1:], text, full)})
 
 
 def validate(cfg: RunConfig) -> None:
-    """One-line errors for values that would fail deep inside training."""
+    """One-line errors for values that would fail deep inside training (or silently misbehave)."""
     t = cfg.train
-    if not t.epochs > 0:
-        raise ConfigError(f"train.epochs must be > 0, got {t.epochs}")
-    if t.batch_size < 1:
-        raise ConfigError(f"train.batch_size must be >= 1, got {t.batch_size}")
-    if t.micro_batch is not None and not 0 < t.micro_batch <= t.batch_size:
-        raise ConfigError(f"train.micro_batch must be in 1..batch_size ({t.batch_size}), "
-                          f"got {t.micro_batch}")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, "
-                          f"got {t.precision!r}")
-    if t.clip_norm is not None and not t.clip_norm > 0:
-        raise ConfigError(f"train.clip_norm must be > 0 or none, got {t.clip_norm}")
-    if not 0 <= t.label_smoothing < 1:
-        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps must be >= 1 or none, got {t.max_steps}")
+    for section in ("train", "optim"):
+        for f in fields(getattr(cfg, section)):
+            v = getattr(getattr(cfg, section), f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {v}")
+    checks: list[tuple[bool, str]] = [
+        (t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.micro_batch is None or 0 < t.micro_batch <= t.batch_size,
+         f"train.micro_batch must be in 1..batch_size ({t.batch_size}) or none, "
+         f"got {t.micro_batch}"),
+        (t.precision in PRECISIONS,
+         f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}"),
+        (t.clip_norm is None or t.clip_norm > 0,
+         f"train.clip_norm must be > 0 or none, got {t.clip_norm}"),
+        (0 <= t.label_smoothing < 1,
+         f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}"),
+        (t.max_steps is None or t.max_steps >= 1,
+         f"train.max_steps must be >= 1 or none, got {t.max_steps}"),
+        (t.warmup_steps is None or t.warmup_steps >= 0,
+         f"train.warmup_steps must be >= 0 or none, got {t.warmup_steps}"),
+        (t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}"),
+        (t.eval_every_epochs > 0,
+         f"train.eval_every_epochs must be > 0 (e.g. 0.5 for twice an epoch), "
+         f"got {t.eval_every_epochs}"),
+        (t.ckpt_every_epochs > 0,
+         f"train.ckpt_every_epochs must be > 0 (e.g. 0.5 for twice an epoch), "
+         f"got {t.ckpt_every_epochs}"),
+        (t.log_every_steps >= 1, f"train.log_every_steps must be >= 1, got {t.log_every_steps}"),
+        (t.keep_checkpoints >= 0,
+         f"train.keep_checkpoints must be >= 0 (0 keeps every checkpoint), "
+         f"got {t.keep_checkpoints}"),
+        (t.train_eval_samples >= 1,
+         f"train.train_eval_samples must be >= 1, got {t.train_eval_samples}"),
+        (t.threads is None or t.threads >= 1,
+         f"train.threads must be >= 1 or none (torch's default), got {t.threads}"),
+        (cfg.optim.m is None or cfg.optim.sam,
+         f"optim.m={cfg.optim.m} (m-sharpness) needs SAM; set optim.sam=true or optim.m=none"),
+        (cfg.optim.sam or cfg.optim.rho >= 0, f"optim.rho must be >= 0, got {cfg.optim.rho}"),
+        (t.decay in DECAYS, f"train.decay must be one of {', '.join(DECAYS)}, got {t.decay!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    check_device(t.device, "train.device")
     from .optim.factory import validate as validate_optim
 
-    validate_optim(cfg.optim)
+    try:
+        validate_optim(cfg.optim)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_device(name: str, key: str = "--device") -> str:
+    """``name`` if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` with that GPU visible.
+
+    Raises a one-line ConfigError naming ``key`` otherwise.
+    """
+    import re
+
+    import torch
+
+    if name in ("auto", "cpu"):
+        return name
+    if not re.fullmatch(r"cuda(:\d+)?", str(name)):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but no CUDA device is visible; use {key} cpu"
+                          if key.startswith("--") else
+                          f"{key}={name} but no CUDA device is visible; use {key}=cpu")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name} but only {torch.cuda.device_count()} CUDA device(s) "
+                          "are visible")
+    return name

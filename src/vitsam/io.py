@@ -56,16 +56,49 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2) + "\n").encode())
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
-    """Read JSON with a one-line error naming the file when it is missing or damaged."""
+def read_json(path: str | Path, what: str = "file",
+              fix: str = "restore it or re-create the run") -> Any:
+    """Read JSON with a one-line error naming the file (and ``fix``) when it is missing or damaged."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder; give the path of the JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what} {path} is damaged ({exc.__class__.__name__}: {exc}); "
-                         "restore it or re-create the run") from None
+                         f"{fix}") from None
+
+
+def merge_json(path: str | Path, entries: dict[str, Any], what: str = "file") -> dict[str, Any]:
+    """Update the JSON object in ``path`` with ``entries`` (atomically) and return the result.
+
+    A damaged or non-object file is never lost: it is renamed to ``<stem>.damaged-<k><suffix>``
+    next to it (with a warning on stderr) and a fresh file holds ``entries``, so results just
+    computed are always written.
+    """
+    import sys
+
+    path = Path(path)
+    merged: Any = {}
+    if path.exists():
+        try:
+            merged = json.loads(path.read_text())
+            reason = "it is not a JSON object"
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            merged, reason = None, f"{exc.__class__.__name__}: {exc}"
+        if not isinstance(merged, dict):
+            k = 0
+            while (aside := path.with_name(f"{path.stem}.damaged-{k}{path.suffix}")).exists():
+                k += 1
+            os.replace(path, aside)
+            print(f"vitsam: warning: {what} {path} was unreadable ({reason}); kept it as {aside} "
+                  "and wrote a new one", file=sys.stderr)
+            merged = {}
+    merged.update(entries)
+    atomic_write_json(path, merged)
+    return merged
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

@@ -366,7 +366,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
     from vitsam.config import from_dict
     from vitsam.data import DataConfig, build_data, eval_batches
     from vitsam.io import atomic_write_json
-    from vitsam.train.checkpoint import load_run, save_model_run
+    from vitsam.train.checkpoint import check_new_run_dir, load_run, save_model_run
 
     _check_settings(ratio, tol, criterion, 1)
     if not isinstance(calib, int) or calib < 1:
@@ -377,6 +377,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
         raise PruneError(f"batch_size must be a positive integer, got {batch_size!r}")
     if Path(out_dir).resolve() == Path(run_dir).resolve():
         raise PruneError("out_dir must differ from run_dir; the pruned model is a new run folder")
+    check_new_run_dir(out_dir)  # before the work, not after it
     run = load_run(run_dir, device=device)
     spec = run.model_spec
     img_size, in_chans = int(spec["img_size"]), int(spec["in_chans"])

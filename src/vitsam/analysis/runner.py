@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..config import apply_overrides, to_dict
-from ..data import DataConfig, build_data, eval_batches
+from ..config import ConfigError, apply_overrides, to_dict
+from ..data import build_data, eval_batches
 from ..data.sample import random_subset
-from ..io import atomic_write_json, read_json
+from ..io import merge_json
 from ..train.checkpoint import load_run
 
 # name -> (config class, split the data comes from)
@@ -52,11 +52,29 @@ def plugin(name: str) -> Any:
 
 
 def plugin_config(name: str, settings: list[str], **defaults: Any) -> Any:
-    """The plug-in's config with ``defaults`` and the ``name.key=value`` settings applied."""
+    """The plug-in's config with ``defaults`` and the ``name.key=value`` settings applied.
+
+    Errors name the setting as typed (``hessian.k``), whether the key is unknown, the value does
+    not parse, or the config's own check rejects it.
+    """
     cls = getattr(plugin(name), ANALYSES[name][0])
     known = {k: v for k, v in defaults.items() if k in cls.__dataclass_fields__}
     mine = [s.split(".", 1)[1] for s in settings if s.startswith(name + ".")]
-    return apply_overrides(cls(**known), mine)
+    try:
+        return apply_overrides(cls(**known), mine, prefix=f"{name}.")
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--set {name}.*: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class AnalysisError(ValueError):
+    """An analysis that could not run on a run folder; the message names the analysis."""
 
 
 def sample_batches(tensors: Any, mean: Any, std: Any, img_size: int, n: int, batch_size: int,
@@ -67,13 +85,24 @@ def sample_batches(tensors: Any, mean: Any, std: Any, img_size: int, n: int, bat
 
 
 def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[str, Any]:
-    """Run the requested analyses on one run folder; returns ``{name: entry}``."""
+    """Run the requested analyses on one run folder; returns ``{name: entry}``.
+
+    Every setting is checked before any work starts, and each finished analysis is written to
+    ``analysis.json`` at once, so a later failure never loses an earlier result.
+    """
     for s in req.settings:
-        if s.split(".", 1)[0] not in ANALYSES or "=" not in s:
-            raise ValueError(f"setting {s!r} must look like <analysis>.<key>=<value> with analysis "
-                             f"one of {', '.join(ANALYSES)}")
+        if s.split(".", 1)[0] not in ANALYSES or "=" not in s or "." not in s.split("=", 1)[0]:
+            raise ConfigError(f"setting {s!r} must look like <analysis>.<key>=<value> with analysis "
+                              f"one of {', '.join(ANALYSES)}")
+    unused = sorted({s.split(".", 1)[0] for s in req.settings} - set(req.names))
+    if unused:
+        raise ConfigError(f"--set names {', '.join(unused)} but that analysis is not requested; "
+                          f"add {' '.join('--' + n for n in unused)} or drop the setting")
+    # Settings first (with the default mean/std), so a typo fails before minutes of work.
+    for name in req.names:
+        plugin_config(name, req.settings, progress=progress)
     run = load_run(run_dir, req.checkpoint, device=req.device)
-    bundle = build_data(DataConfig(**run.config["data"]))
+    bundle = build_data(run.data_config())
     out: dict[str, Any] = {}
     for name in req.names:
         split = bundle.train if ANALYSES[name][1] == "train" else bundle.test
@@ -82,14 +111,15 @@ def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[st
         cfg = plugin_config(name, req.settings, mean=bundle.mean, std=bundle.std,
                             progress=progress)
         t0 = time.perf_counter()
-        result = plugin(name).run(run.model, data, cfg)
+        try:
+            result = plugin(name).run(run.model, data, cfg)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise AnalysisError(f"{name} analysis of {run_dir}: {_first_line(exc)}") from exc
         out[name] = {"result": result, "settings": to_dict(cfg), "checkpoint": run.checkpoint.name,
                      "step": run.step, "samples": sum(len(y) for _, y in data),
                      "time_s": time.perf_counter() - t0}
-    save(Path(run_dir), out)
+        save(Path(run_dir), {name: out[name]})
     return out
-
-
 def public(result: dict[str, Any]) -> dict[str, Any]:
     """A result without its ``_`` keys (arrays kept only for figures)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
@@ -98,10 +128,8 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
 def save(run_dir: Path, entries: dict[str, Any]) -> Path:
     """Merge entries into ``run_dir/analysis.json`` (other analyses already there are kept)."""
     path = run_dir / "analysis.json"
-    merged = read_json(path, "analysis file") if path.exists() else {}
-    for name, entry in entries.items():
-        merged[name] = {**entry, "result": public(entry["result"])}
-    atomic_write_json(path, merged)
+    merge_json(path, {name: {**entry, "result": public(entry["result"])}
+                      for name, entry in entries.items()}, "analysis file")
     return path
 
 

@@ -416,10 +416,10 @@ def load_corruption_set(set_dir: str | Path) -> dict[str, Any]:
     """The manifest of a corruption set folder (raises a one-line error if it is not one)."""
     set_dir = Path(set_dir)
     if not set_dir.is_dir():
-        raise CorruptionSetError(f"corruption set folder {set_dir} does not exist; build it with build_corruption_set")
+        raise CorruptionSetError(f"corruption set folder {set_dir} does not exist; build it with `vitsam corrupt` (build_corruption_set)")
     man = _read_manifest(set_dir)
     if man is None:
-        raise CorruptionSetError(f"{set_dir} has no manifest.json; build it with build_corruption_set")
+        raise CorruptionSetError(f"{set_dir} has no manifest.json, so it is not a corruption set; build one with `vitsam corrupt` (build_corruption_set)")
     return man
 
 

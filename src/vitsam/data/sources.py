@@ -122,17 +122,32 @@ def read_cifar_pickles(files: dict[str, list[Path]], kind: str) -> dict:
         xs, ys = [], []
         for path in files[split]:
             d = _read_pickle(path)
-            if b"data" not in d or label_key not in d:
+            if not isinstance(d, dict) or b"data" not in d or label_key not in d:
                 raise DataError(f"{path} lacks {b'data'!r} or {label_key!r}; it is not a {kind} pickle")
             data = np.asarray(d[b"data"], dtype=np.uint8)
             if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
                 raise DataError(f"{path}: data has shape {data.shape}, expected (N, 3072)")
+            labels = np.asarray(d[label_key]).reshape(-1)
+            if labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+                raise DataError(f"{path}: {labels.shape[0]} {label_key!r} entries for "
+                                f"{data.shape[0]} images (or not integers); the file is damaged, "
+                                "replace it with the original")
             xs.append(data.reshape(-1, 3, 32, 32))  # rows hold the R, G and B planes in turn
-            ys.append(np.asarray(d[label_key], dtype=np.int64))
+            ys.append(labels.astype(np.int64))
         out[f"{split}_images"] = torch.from_numpy(np.concatenate(xs))
         out[f"{split}_labels"] = torch.from_numpy(np.concatenate(ys))
-    meta = _read_pickle(files["meta"][0])
+    meta_path = files["meta"][0]
+    meta = _read_pickle(meta_path)
+    if not isinstance(meta, dict) or names_key not in meta:
+        raise DataError(f"{meta_path} lacks {names_key!r}; it is not the {kind} meta file, "
+                        "replace it with the original")
     out["classes"] = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+    for split in ("train", "test"):
+        y = out[f"{split}_labels"]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(out["classes"])):
+            raise DataError(f"{split} labels of the {kind} pickles span {int(y.min())}..{int(y.max())} "
+                            f"but {meta_path} names {len(out['classes'])} classes; a file is "
+                            "damaged, replace the folder with the original")
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from ..config import from_dict
 from ..data import DataConfig, ImageFiles, build_data, eval_batches
 from ..data.sample import random_subset
-from ..io import atomic_write_json, read_json
+from ..io import merge_json
 from ..train.checkpoint import load_run, run_labels
 from .metrics import evaluate
 
@@ -39,11 +39,10 @@ class EvalRequest:
     checkpoint: str = "last"
 
 
-def _data_config(config: dict, spec: dict, req: EvalRequest) -> DataConfig:
-    cfg = from_dict(DataConfig, config["data"])
-    if req.data:
-        cfg = replace(cfg, source=req.data, root=req.root)
-    return replace(cfg, img_size=int(spec["img_size"]))
+def _data_config(run: Any, req: EvalRequest) -> DataConfig:
+    cfg = run.data_config()
+    # Only the test split of another source is used: the run's training subset does not apply.
+    return replace(cfg, source=req.data, root=req.root, train_fraction=1.0) if req.data else cfg
 
 
 def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -> dict[str, Any]:
@@ -52,10 +51,13 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
 
     run = load_run(run_dir, req.checkpoint, device=req.device)
     spec, model = run.model_spec, run.model
-    bundle = build_data(_data_config(run.config, spec, req))
+    bundle = build_data(_data_config(run, req))
     if bundle.num_classes != spec["num_classes"]:
         raise ValueError(f"--data has {bundle.num_classes} classes but the model predicts "
                          f"{spec['num_classes']}; evaluate on data with the training classes")
+    if bundle.in_chans != spec["in_chans"]:
+        raise ValueError(f"--data has {bundle.in_chans}-channel images but the model takes "
+                         f"{spec['in_chans']}; evaluate on data like the training images")
     common = {"mean": bundle.mean, "std": bundle.std, "img_size": bundle.img_size,
               "batch_size": req.batch_size, "device": req.device}
     shift_kw = {**common, "in_chans": spec["in_chans"], "progress": progress}
@@ -100,10 +102,8 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
                                                 num_classes=spec["num_classes"]),
         }
     out["time_s"] = time.perf_counter() - t0
-    path = Path(run_dir) / "eval.json"
-    merged = read_json(path, "evaluation file") if path.exists() else {}
-    merged.update({k: v for k, v in out.items() if k != "time_s"})
-    atomic_write_json(path, merged)
+    merge_json(Path(run_dir) / "eval.json", {k: v for k, v in out.items() if k != "time_s"},
+               "evaluation file")
     return out
 
 
@@ -149,10 +149,8 @@ def report(results: dict[str, dict[str, Any]], req: EvalRequest, baseline: str |
                                Path(run) / "corruption_heatmap.png")
             if base is not None:
                 summary[run] = robustness.mce_from_results(r["corruptions"], base)
-                path = Path(run) / "eval.json"
-                merged = read_json(path, "evaluation file")
-                merged["mce"] = {**summary[run], "baseline": baseline}
-                atomic_write_json(path, merged)
+                merge_json(Path(run) / "eval.json",
+                           {"mce": {**summary[run], "baseline": baseline}}, "evaluation file")
         if len(runs) > 1:
             dest = Path(out) if out else Path(next(iter(results))).parent / "compare"
             dest.mkdir(parents=True, exist_ok=True)
@@ -165,8 +163,7 @@ def corruption_source(data: str, root: str | None, run_dir: str | None, img_size
     """Test images uint8 (N, C, H, W), labels, and a description, for ``build_corruption_set``."""
     if run_dir:
         run = load_run(run_dir)
-        cfg = replace(from_dict(DataConfig, run.config["data"]),
-                      img_size=img_size or int(run.model_spec["img_size"]))
+        cfg = replace(run.data_config(), img_size=img_size or int(run.model_spec["img_size"]))
     else:
         cfg = DataConfig(source=data, root=root, img_size=img_size)
     bundle = build_data(cfg)

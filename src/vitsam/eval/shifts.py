@@ -132,7 +132,7 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def _load_json(obj: Any, what: str) -> Any:
-    return read_json(obj, f"{what} file") if isinstance(obj, (str, Path)) else obj
+    return read_json(obj, f"{what} file", "fix the JSON") if isinstance(obj, (str, Path)) else obj
 
 
 def _train_index(value: Any, train_classes: Sequence[str] | None, key: str) -> int:
@@ -142,15 +142,28 @@ def _train_index(value: Any, train_classes: Sequence[str] | None, key: str) -> i
     if isinstance(value, (int, np.integer)):
         if value < 0:
             raise ValueError(f"mapping[{key!r}] = {value} is not a class index (must be >= 0)")
-        return int(value)
+        return _in_range(int(value), value, train_classes, key)
     if isinstance(value, str):
         if train_classes is not None and value in train_classes:
             return list(train_classes).index(value)
         if value.strip().isdigit():
-            return int(value)
-        hint = "" if train_classes is not None else "; pass train_classes to map by name"
+            return _in_range(int(value), value, train_classes, key)
+        hint = (f"; use a training class name ({_some(train_classes)}) or index"
+                if train_classes is not None else "; pass train_classes to map by name")
         raise ValueError(f"mapping[{key!r}] = {value!r} is not a training class{hint}")
     raise ValueError(f"mapping[{key!r}] = {value!r} is neither a class name nor an index")
+
+
+def _some(names: Sequence[str], n: int = 10) -> str:
+    shown = ", ".join(map(str, list(names)[:n]))
+    return shown + (f", ... {len(names)} in all" if len(names) > n else "")
+
+
+def _in_range(index: int, value: Any, train_classes: Sequence[str] | None, key: str) -> int:
+    if train_classes is not None and index >= len(train_classes):
+        raise ValueError(f"mapping[{key!r}] = {value!r} is neither a training class name nor an "
+                         f"index below {len(train_classes)}; use one of {_some(train_classes)}")
+    return index
 
 
 # ---------------------------------------------------------------- evaluators
@@ -279,7 +292,7 @@ def evaluate_folder(
     unknown = [n for n in names if n not in known and not n.isdigit()]
     if unknown:
         raise ValueError(f"folder classes {unknown[:5]} are neither training class names nor indices; "
-                         "rename them or use evaluate_class_mapped with a mapping")
+                         "rename them, or map them with --mapped-folder and --mapping (evaluate_class_mapped)")
     out = evaluate_class_mapped(model, source, {n: n for n in names}, train_classes, mean=mean, std=std,
                                 img_size=img_size, source_classes=source_classes, restrict=False,
                                 batch_size=batch_size, device=device, in_chans=in_chans, crop_pct=crop_pct,

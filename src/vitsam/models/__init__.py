@@ -5,9 +5,10 @@ from typing import Any
 
 from torch import nn
 
-from .zoo import MODELS, ModelError, ModelInfo, count_params, create_model, model_family
+from .zoo import (MODELS, ModelError, ModelInfo, check_forward, count_params, create_model,
+                  model_family)
 
-__all__ = ["MODELS", "ModelError", "ModelInfo", "build_from_spec", "count_params",
+__all__ = ["MODELS", "ModelError", "ModelInfo", "build_from_spec", "check_forward", "count_params",
            "create_model", "make_spec", "model_family"]
 
 

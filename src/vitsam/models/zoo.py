@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any, Callable
 
 import timm
+import torch
 from timm.layers import GroupNormAct, StdConv2d
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.resnet import BasicBlock, ResNet
@@ -140,9 +141,7 @@ def create_model(name: str, num_classes: int = 1000, img_size: int = 224, in_cha
     info = MODELS.get(name)
     if info is None:
         if timm.is_model(name):
-            extra = {"img_size": img_size} if name.startswith(("vit", "mixer", "deit")) else {}
-            return timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                     in_chans=in_chans, **extra, **kwargs)
+            return _timm_model(name, num_classes, img_size, in_chans, kwargs)
         close = difflib.get_close_matches(name, list(MODELS), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(f"unknown model {name!r}{hint}; run `vitsam models` for the list, "
@@ -150,8 +149,75 @@ def create_model(name: str, num_classes: int = 1000, img_size: int = 224, in_cha
     args = {**info.args, **kwargs}
     try:
         return info.builder(num_classes, img_size, in_chans, **args)
-    except TypeError as exc:
-        raise ModelError(f"bad arguments for model {name!r}: {exc}") from None
+    except ModelError:
+        raise
+    except _BUILD_ERRORS as exc:
+        raise ModelError(f"cannot build model {name!r} with {_show(kwargs)}: "
+                         f"{_first_line(exc)}; change model.kwargs") from None
+
+
+# What architecture constructors (timm's included) raise for arguments that do not fit, e.g.
+# ``assert dim % num_heads == 0`` or a negative depth.
+_BUILD_ERRORS = (TypeError, ValueError, AssertionError, RuntimeError, ZeroDivisionError,
+                 IndexError, KeyError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _show(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) if kwargs else "its defaults"
+
+
+def _timm_model(name: str, num_classes: int, img_size: int, in_chans: int,
+                kwargs: dict[str, Any]) -> nn.Module:
+    """A timm architecture; ``img_size`` is passed to those whose constructor takes it (ViTs,
+    Swin, ...), since their position embeddings or windows are sized from it."""
+    common = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
+    try:
+        if "img_size" not in kwargs:
+            try:
+                return timm.create_model(name, img_size=img_size, **common, **kwargs)
+            except TypeError as exc:
+                if "img_size" not in str(exc):
+                    raise
+        return timm.create_model(name, **common, **kwargs)
+    except _BUILD_ERRORS as exc:
+        raise ModelError(f"cannot build timm model {name!r} for {in_chans}-channel "
+                         f"{img_size}px images with {_show(kwargs)}: "
+                         f"{_first_line(exc)}") from None
+
+
+def check_forward(model: nn.Module, name: str, num_classes: int, img_size: int,
+                  in_chans: int) -> None:
+    """Run a zero batch (2, in_chans, img_size, img_size) through ``model`` (eval mode, no
+    gradients, RNG untouched) and check it returns logits (2, num_classes).
+
+    Architectures that cannot take the data's images (too small for their down-sampling, a
+    fixed input size) then fail here, in one line, instead of deep inside the first step.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, in_chans, img_size, img_size, device=device))
+    except _BUILD_ERRORS as exc:
+        native = MODELS[name].img_size if name in MODELS else \
+            (getattr(model, "pretrained_cfg", None) or {}).get("input_size", [None, None])[-1]
+        hint = f" (it is meant for {native}px)" if native else ""
+        raise ModelError(f"model {name!r} cannot take {in_chans}-channel {img_size}px images"
+                         f"{hint}: {_first_line(exc)}; set data.img_size to a size it accepts "
+                         "or choose another model") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"model {name!r} returns {got} for a batch of 2 images, not logits "
+                         f"(2, {num_classes}); choose a classification model")
 
 
 def count_params(model: nn.Module) -> int:

@@ -59,6 +59,11 @@ def validate(cfg: OptimConfig) -> None:
         raise ValueError(f"optim.weight_decay must be >= 0, got {cfg.weight_decay}")
     if cfg.sam and not cfg.rho > 0:
         raise ValueError(f"optim.rho must be > 0 with SAM, got {cfg.rho}; or set optim.sam=false")
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"optim.momentum must be in [0, 1), got {cfg.momentum}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ValueError(f"optim.{key} must be in [0, 1), got {getattr(cfg, key)}")
     if cfg.m is not None and cfg.m < 1:
         raise ValueError(f"optim.m must be a positive number of samples or null, got {cfg.m}")
 

@@ -137,6 +137,11 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, model_spec
     atomic_write_json(ckpt_root / "latest.json", {"name": name, "step": step, "epoch": epoch})
     if keep:
         _prune_old(ckpt_root, keep, protect=name)
+    # Half-written folders left by an interrupted earlier process hold a full copy of the
+    # weights each; nothing refers to them.
+    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".old-*")]:
+        if stale.is_dir() and not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -171,9 +176,13 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
         raise CheckpointError(f"{run_dir} holds no checkpoint (no checkpoints/*/state.json); "
                               "is it a vitsam run folder, and did training save at least once?")
     if which == "last":
+        # The pointer names the newest complete checkpoint; if it is missing, damaged or points
+        # at a folder that is gone, the newest complete one is the same thing.
         try:
             which = read_json(root / "latest.json", "checkpoint pointer")["name"]
-        except (FileNotFoundError, ValueError, KeyError):
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            which = names[-1]
+        if which not in names:
             which = names[-1]
     if which not in names:
         raise CheckpointError(f"checkpoint {which!r} not found in {run_dir}; "
@@ -187,11 +196,14 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict
         state = read_json(ckpt_dir / "state.json", "checkpoint state")
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
-    if state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        state = state if isinstance(state, dict) else {}
         raise CheckpointError(f"{ckpt_dir} is not a {FORMAT} checkpoint "
                               f"(format={state.get('format')!r})")
     others = [n for n in list_checkpoints(ckpt_dir.parent.parent) if n != ckpt_dir.name]
-    alt = f"; other checkpoints: {', '.join(others)}" if others else ""
+    alt = (f"; other checkpoints: {', '.join(others)} (pick one with --checkpoint NAME, or "
+           f"delete {ckpt_dir} to fall back to the newest of them)" if others else
+           "; restore it from a copy, or train the run again")
     tensors = []
     for fname in ("model.safetensors", "optim.safetensors"):
         path = ckpt_dir / fname
@@ -221,6 +233,20 @@ class LoadedRun:
     step: int
     checkpoint: Path
 
+    def data_config(self) -> Any:
+        """The run's ``DataConfig`` at the model's image size (what every command evaluates on)."""
+        from dataclasses import replace
+
+        from ..config import from_dict
+        from ..data import DataConfig
+
+        if not isinstance(self.config.get("data"), dict):
+            raise CheckpointError(f"the config saved in {self.checkpoint} has no 'data' section, "
+                                  "so the run's data set is unknown; this needs a run folder "
+                                  "written by `vitsam train` or `vitsam prune`")
+        return replace(from_dict(DataConfig, self.config["data"]),
+                       img_size=int(self.model_spec["img_size"]))
+
 
 def load_run(run_dir: str | Path, which: str = "last", device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild a run's model from its folder alone."""
@@ -228,6 +254,9 @@ def load_run(run_dir: str | Path, which: str = "last", device: str | torch.devic
 
     ckpt = resolve_checkpoint(run_dir, which)
     state, weights, _ = read_checkpoint(ckpt)
+    if not isinstance(state.get("model_spec"), dict):
+        raise CheckpointError(f"{ckpt / 'state.json'} has no model spec; restore it or train the "
+                              "run again")
     model = build_from_spec(state["model_spec"])
     try:
         model.load_state_dict(weights, strict=True)
@@ -240,10 +269,33 @@ def load_run(run_dir: str | Path, which: str = "last", device: str | torch.devic
                      int(state["step"]), ckpt)
 
 
+def check_new_run_dir(out_dir: str | Path, flag: str = "--out") -> Path:
+    """``out_dir`` if a derived run may be written there: absent, an empty folder, or a folder
+    written earlier by ``save_model_run`` (overwritten). A training run or any other non-empty
+    folder is refused, so nothing there is overwritten."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{flag} {out} is a file; give a folder for the new run")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    ckpts = out / "checkpoints"
+    derived = ((out / "config.json").is_file() and not (out / "metrics.jsonl").exists()
+               and ckpts.is_dir() and all(p.name in ("final", "latest.json") or p.name.startswith(".")
+                                          for p in ckpts.iterdir()))
+    if not derived:
+        what = "a training run" if (out / "metrics.jsonl").exists() or ckpts.is_dir() else \
+            "other files"
+        raise CheckpointError(f"{flag} {out} already holds {what}; choose a new folder")
+    return out
+
+
 def save_model_run(out_dir: str | Path, model: nn.Module, model_spec: dict, config: dict,
                    extra: dict | None = None, step: int = 0) -> Path:
-    """Write a new, complete run folder holding ``model`` (for derived models, e.g. pruned)."""
-    out = Path(out_dir)
+    """Write a new, complete run folder holding ``model`` (for derived models, e.g. pruned).
+
+    ``out_dir`` must be new, empty, or an earlier derived run (see ``check_new_run_dir``).
+    """
+    out = check_new_run_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", config)
     save_checkpoint(out, "final", model, model_spec, config, step=step, epoch=0, extra=extra)

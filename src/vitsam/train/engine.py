@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,18 +16,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, TrainConfig, from_dict, to_dict, validate
+from ..config import RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
 from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
+from ..data.errors import DataError
 from ..data.sample import random_subset
 from ..eval.metrics import evaluate
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
-from ..models import count_params, create_model, make_spec
+from ..models import check_forward, count_params, create_model, make_spec
 from ..optim.factory import build_optimizer
 from ..optim.schedule import build_scheduler
 from ..optim.steps import StepConfig
 from ..optim.steps import train_step as optim_train_step
-from .checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint, save_checkpoint
-from .checkpoint import set_rng_state, unflatten_state
+from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint, resolve_checkpoint
+from .checkpoint import save_checkpoint, set_rng_state, unflatten_state
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,11 @@ def is_time(step: int, every: int, total: int) -> bool:
     return step == total or step % every == 0
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU."""
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; a one-line error for unusable names."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
+    return torch.device(check_device(name, key))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -83,21 +82,40 @@ def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch
 
 
 class _Meter:
-    """Sums step signals between two log records."""
+    """Sums step signals between two log records.
+
+    SAM's diagnostics are NaN on a step the GradScaler skipped (fp16 overflow); they are
+    averaged over the steps where they are finite, so one skipped step does not blank the
+    interval. The loss is averaged over every step (a NaN loss must show).
+    """
+
+    DIAGNOSTICS = ("grad_norm", "perturbed_loss", "sharpness", "eps_norm", "grad_cosine")
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
         self.t0 = time.perf_counter()
 
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` (evaluation, checkpointing) out of the images/s of this interval."""
+        self.t0 += seconds
+
     def add(self, out: dict[str, float]) -> None:
         for k, v in out.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            v = float(v)
+            if k in self.DIAGNOSTICS and not math.isfinite(v):
+                self.counts.setdefault(k, 0)
+                self.sums.setdefault(k, 0.0)
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def flush(self) -> dict[str, float]:
-        n, s = max(self.count, 1), self.sums
-        rec = {k: v / n for k, v in s.items() if k not in ("correct", "n", "skipped")}
+        s = self.sums
+        rec = {k: (v / self.counts[k] if self.counts[k] else float("nan"))
+               for k, v in s.items() if k not in ("correct", "n", "skipped")}
         rec["acc"] = s.get("correct", 0.0) / max(s.get("n", 0.0), 1.0)
         rec["skipped_steps"] = s.get("skipped", 0.0)
         rec["images_per_s"] = s.get("n", 0.0) / max(time.perf_counter() - self.t0, 1e-9)
@@ -146,6 +164,7 @@ class Trainer:
                          dict(cfg.model.kwargs))
         model = create_model(spec["name"], spec["num_classes"], spec["img_size"],
                              spec["in_chans"], **spec["kwargs"]).to(device)
+        check_forward(model, spec["name"], spec["num_classes"], spec["img_size"], spec["in_chans"])
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, timeline.total_steps, timeline.warmup_steps,
                                     t.decay)
@@ -167,12 +186,15 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     """Train a run (or continue ``resume``, a run folder) and return its ``final.json`` record."""
     if resume is not None:
         run_dir = Path(resume)
-        cfg = from_dict(RunConfig, read_json(run_dir / "config.json", "run config"))
-        if (run_dir / "final.json").exists():
-            raise CheckpointError(f"{run_dir} already finished (final.json exists); "
-                                  "start a new run instead of resuming")
+        cfg = _saved_config(run_dir)
     if cfg is None:
         raise ValueError("train() needs a config or a run folder to resume")
+    if resume is None and cfg.data.root:
+        # The saved config must find the data from any working directory (eval, analyze).
+        root = str(Path(cfg.data.root).expanduser().resolve())
+        cfg = replace(cfg, data=replace(cfg.data, root=root))
+    if resume is None and run_dir is not None:
+        _check_fresh(Path(run_dir))  # before building the data, which can take a while
     tr = Trainer.build(cfg)
     tl, cfg_dict = tr.timeline, to_dict(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
@@ -184,9 +206,25 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     else:
         atomic_write_json(run_dir / "config.json", cfg_dict)
     t0, meter = time.perf_counter() - wall_before, _Meter()
+    if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
+            not any(r.get("step") == step and "test_acc" in r for r in read_jsonl(metrics_path)):
+        _evaluate_into(metrics_path, tr, step)  # interrupted between checkpoint and evaluation
     bar = tqdm(total=tl.total_steps, initial=step, disable=not progress, unit="step",
                desc=cfg.name, dynamic_ncols=True)
     tr.model.train()
+    try:
+        step = _loop(tr, run_dir, metrics_path, step, t0, meter, bar, cfg_dict)
+        bar.close()
+        return _finish(run_dir, tr, step, time.perf_counter() - t0, metrics_path)
+    except DataError as exc:  # e.g. an unreadable image met mid-epoch: say how to go on
+        raise DataError(f"{str(exc).splitlines()[0]}; then `vitsam train --resume {run_dir}` "
+                        "continues from the last checkpoint") from exc
+
+
+def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, meter: _Meter,
+          bar: Any, cfg_dict: dict[str, Any]) -> int:
+    """Optimiser steps from ``step`` to the end, with logging, checkpoints and evaluation."""
+    cfg, tl = tr.cfg, tr.timeline
     while step < tl.total_steps:
         epoch, skip = divmod(step, tl.steps_per_epoch)
         # Resuming mid-epoch skips the batches already seen (the epoch's order is seeded).
@@ -202,39 +240,87 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
                 append_jsonl(metrics_path, rec)
                 bar.set_postfix(epoch=f"{rec['epoch']:.2f}", loss=f"{rec['loss']:.3f}",
                                 acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
-            if is_time(step, tl.eval_every, tl.total_steps):
-                ev = evaluate(tr.model, tr.test_batches(), tr.device)
-                append_jsonl(metrics_path, {"step": step, "epoch": step / tl.steps_per_epoch,
-                                            "test_loss": ev["nll"], "test_acc": ev["top1"]})
+            t_aside = time.perf_counter()
+            # Checkpoint before evaluating: a failure or an interruption during evaluation
+            # then costs no training (the resumed run evaluates that step again).
             if is_time(step, tl.ckpt_every, tl.total_steps):
                 save_checkpoint(run_dir, f"step-{step:08d}", tr.model, tr.spec, cfg_dict, step,
                                 step // tl.steps_per_epoch, tr.optimizer, tr.scheduler,
                                 tr.scaler, extra={"wall_time_s": time.perf_counter() - t0},
                                 keep=cfg.train.keep_checkpoints)
+            if is_time(step, tl.eval_every, tl.total_steps):
+                _evaluate_into(metrics_path, tr, step)
+            meter.pause(time.perf_counter() - t_aside)
             if step >= tl.total_steps:
                 break
-    bar.close()
-    return _finish(run_dir, tr, step, time.perf_counter() - t0, metrics_path)
+    return step
+
+
+def _evaluate_into(metrics_path: Path, tr: Trainer, step: int) -> None:
+    """Test loss and accuracy at ``step``, appended to the metrics log."""
+    ev = evaluate(tr.model, tr.test_batches(), tr.device)
+    append_jsonl(metrics_path, {"step": step, "epoch": step / tr.timeline.steps_per_epoch,
+                                "test_loss": ev["nll"], "test_acc": ev["top1"]})
+
+
+def _saved_config(run_dir: Path) -> RunConfig:
+    """The config of the run folder ``run_dir`` to resume (config.json, else the newest
+    checkpoint's copy of it); refuses finished runs."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist; give the folder that "
+                              "`vitsam train` printed")
+    if (run_dir / "final.json").exists():
+        raise CheckpointError(f"{run_dir} already finished (final.json exists); "
+                              "start a new run instead of resuming")
+    try:
+        saved = read_json(run_dir / "config.json", "run config")
+    except (FileNotFoundError, ValueError) as exc:
+        if not list_checkpoints(run_dir):
+            raise CheckpointError(f"{str(exc).splitlines()[0]}; {run_dir} is not a vitsam run "
+                                  "folder that can be resumed") from None
+        # The checkpoint's state.json holds the same config.
+        state, _, _ = read_checkpoint(resolve_checkpoint(run_dir, "last"))
+        saved = state["config"]
+    return from_dict(RunConfig, saved)
+
+
+def _check_fresh(run_dir: Path) -> None:
+    """A new run never writes into a folder that already holds a run (or anything else)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} is a file; give a folder for the run")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        hint = (f"`vitsam train --resume {run_dir}` continues it, or choose"
+                if (run_dir / "config.json").exists() else "choose")
+        raise CheckpointError(f"run folder {run_dir} is not empty; {hint} a new --run-dir")
 
 
 def _restore(run_dir: Path, tr: Trainer, metrics_path: Path) -> tuple[int, float]:
-    """Load the latest checkpoint of ``run_dir`` into the training objects; returns (step, wall)."""
-    state, weights, opt_tensors = read_checkpoint(resolve_checkpoint(run_dir, "last"))
-    tr.model.load_state_dict(weights)
-    tr.optimizer.load_state_dict(unflatten_state(state["optimizer"], opt_tensors))
-    tr.scheduler.load_state_dict(unflatten_state(state["scheduler"], opt_tensors))
-    if tr.scaler is not None and "scaler" in state:
-        tr.scaler.load_state_dict(unflatten_state(state["scaler"], opt_tensors))
-    set_rng_state(state["rng"])
-    step = int(state["step"])
+    """Load the latest checkpoint of ``run_dir`` into the training objects; returns (step, wall).
+
+    A run interrupted before its first checkpoint starts again from step 0 (every draw is
+    seeded, so that is the same run).
+    """
+    step, wall = 0, 0.0
+    if list_checkpoints(run_dir):
+        state, weights, opt_tensors = read_checkpoint(resolve_checkpoint(run_dir, "last"))
+        tr.model.load_state_dict(weights)
+        tr.optimizer.load_state_dict(unflatten_state(state["optimizer"], opt_tensors))
+        tr.scheduler.load_state_dict(unflatten_state(state["scheduler"], opt_tensors))
+        if tr.scaler is not None and "scaler" in state:
+            tr.scaler.load_state_dict(unflatten_state(state["scaler"], opt_tensors))
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        wall = float(state.get("extra", {}).get("wall_time_s", 0.0))
     if metrics_path.exists():  # keep the interrupted log, but continue a clean one
         records = list(read_jsonl(metrics_path))
-        k = len(list(run_dir.glob("metrics.pre-resume-*.jsonl")))
-        metrics_path.rename(run_dir / f"metrics.pre-resume-{k}.jsonl")
+        k = 0
+        while (aside := run_dir / f"metrics.pre-resume-{k}.jsonl").exists():
+            k += 1
+        metrics_path.rename(aside)
         for rec in records:
             if rec.get("step", 0) <= step:
                 append_jsonl(metrics_path, rec)
-    return step, float(state.get("extra", {}).get("wall_time_s", 0.0))
+    return step, wall
 
 
 def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
@@ -244,14 +330,33 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
     test = evaluate(tr.model, tr.test_batches(), tr.device)
     sub = random_subset(tr.bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
     train_acc = evaluate(tr.model, tr.test_batches(sub), tr.device)
-    rates = [r["images_per_s"] for r in read_jsonl(metrics_path) if "images_per_s" in r]
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
              "params": count_params(tr.model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
              "steps": step, "epochs": step / tr.timeline.steps_per_epoch,
              "test_acc": test["top1"], "test_top5": test["top5"], "test_loss": test["nll"],
              "test_ece": test["ece"], "train_acc": train_acc["top1"],
              "wall_time_s": wall,
-             "train_images_per_s": sum(rates) / len(rates) if rates else None,
+             "train_images_per_s": overall_rate(list(read_jsonl(metrics_path))),
              "device": str(tr.device)}
     atomic_write_json(run_dir / "final.json", final)
     return final
+
+
+def overall_rate(records: list[dict[str, Any]]) -> float | None:
+    """Training images/s over the whole run from the logged per-interval rates.
+
+    Each log record covers the steps since the previous one (same batch size), so the run's
+    rate is total steps over total time: sum(steps_i) / sum(steps_i / rate_i), not the plain
+    mean of the rates (which over-weights short, fast intervals).
+    """
+    steps = time_units = 0.0
+    prev = 0
+    for r in records:
+        if "images_per_s" not in r:
+            continue
+        span = int(r["step"]) - prev
+        prev = int(r["step"])
+        if span > 0 and r["images_per_s"]:
+            steps += span
+            time_units += span / float(r["images_per_s"])
+    return steps / time_units if time_units > 0 else None
