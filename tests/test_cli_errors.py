@@ -195,7 +195,7 @@ CASES = [
     # analyze
     ("hessian-k-zero", ["analyze", "{run}", "--hessian", "--quiet", "--batches", "1",
                         "--batch-size", "8", "--set", "hessian.k=0"],
-     ["hessian analysis", "k must be a positive integer"]),
+     ["hessian.k=0", "k must be a positive integer"]),
     ("analysis-unknown-key", ["analyze", "{run}", "--hessian", "--set", "hessian.foo=1"],
      ["unknown config key 'hessian.foo'", "hessian.k"]),
     ("analysis-bad-value", ["analyze", "{run}", "--sparsity", "--set", "sparsity.max_batches=0"],

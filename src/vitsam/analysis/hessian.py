@@ -726,6 +726,13 @@ class HessianConfig:
     seed: int = 0
     backend: str = "auto"
 
+    def __post_init__(self) -> None:
+        # Fail when the settings are given, before a run and its data are loaded.
+        _validate(self.k, self.tol, self.max_iter, self.method, self.stop)
+        if self.trace_probes < 0 or self.density_steps < 1:
+            raise ValueError("trace_probes must be >= 0 and density_steps >= 1, got "
+                             f"{self.trace_probes} and {self.density_steps}")
+
 
 def run(model: nn.Module, data: Iterable[Batch], cfg: HessianConfig = HessianConfig()) -> dict:
     """Top eigenvalues (and trace, density) of the cross-entropy Hessian over all of ``data``.
