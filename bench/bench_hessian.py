@@ -169,7 +169,7 @@ def measure_hessian(spec: dict, model: nn.Module, x: torch.Tensor, y: torch.Tens
         backend = "func" if variant == "vitsam-func" else "auto"
         stop = "change" if variant == "vitsam-change" else "residual"
         r = top_eigenvalues(model, loss, [(x, y)], k=k, method=method, tol=tol, max_iter=cap,
-                            start=start, backend=backend, stop=stop)
+                            start=start, backend=backend, stop=stop, seed=spec["seed"])
         vals, hvps = r.eigenvalues, r.num_hvps
     elif tool == "pyhessian":
         import importlib
@@ -185,10 +185,13 @@ def measure_hessian(spec: dict, model: nn.Module, x: torch.Tensor, y: torch.Tens
         ph.hessian_vector_product = counted
         # PyHessian double-backpropagates through the model; timm's fused CPU attention has
         # no double backward, so the explicit softmax path is switched on around it.
-        with math_attention(model):
-            torch.manual_seed(spec["seed"])
-            h = ph.hessian(model, loss, data=(x, y), cuda=False)
-            vals, _ = h.eigenvalues(maxIter=cap, tol=tol, top_n=k)
+        try:
+            with math_attention(model):
+                torch.manual_seed(spec["seed"])
+                h = ph.hessian(model, loss, data=(x, y), cuda=False)
+                vals, _ = h.eigenvalues(maxIter=cap, tol=tol, top_n=k)
+        finally:
+            ph.hessian_vector_product = orig
         hvps = counter["n"]
         model.zero_grad(set_to_none=True)
     elif tool == "curvlinops":

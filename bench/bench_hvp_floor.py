@@ -24,7 +24,6 @@ how far each factor is from its floor, on the same models and batch as ``bench_h
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -39,16 +38,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_hessian import MODELS, build_model, load_batch
+from bench_hessian import MODELS, build_model, load_batch, measure_hessian
 
 from vitsam.analysis.hessian import (
     HessianOperator,
-    _tridiag,
+    _lanczos_top,
     analysis_state,
-    lanczos,
-    top_eigenvalues,
 )
-from vitsam.models.attention import math_attention
 
 LOSS = nn.CrossEntropyLoss()
 SECTIONS = ("rate", "bf16", "threads", "warm", "compile", "seeds")
@@ -152,20 +148,10 @@ def section_threads(model, x, y) -> dict:
 
 
 def _top(op, v0, tol, test):
-    """(theta, Ritz vector, HVPs) of plain Lanczos with the residual or change test."""
-    prev: list[float] = []
-
-    def stop(theta, s, b):
-        if test == "residual":
-            return b * abs(s[-1, -1]) <= tol * abs(theta[-1])
-        hit = bool(prev) and abs(theta[-1] - prev[-1]) <= tol * abs(prev[-1])
-        prev.append(float(theta[-1]))
-        return hit
-
-    alpha, beta, _, basis = lanczos(op.matvec, v0, 100, stop)
-    theta, s = np.linalg.eigh(_tridiag(alpha, beta))
-    vec = torch.as_tensor(s[:, -1].copy(), dtype=basis.dtype) @ basis
-    return float(theta[-1]), vec, len(alpha)
+    """(theta, Ritz vector, HVPs) of vitsam's top-1 Lanczos with the residual or change test."""
+    op.num_hvps = 0
+    vals, vecs, _, _ = _lanczos_top(op, 1, tol, 100, v0, None, True, False, test)
+    return vals[0], vecs[0], op.num_hvps
 
 
 def section_warm(model, x, y, subs=(8, 16, 32)) -> list[dict]:
@@ -213,34 +199,16 @@ def section_compile(model, x, y) -> dict:
 
 
 def section_seeds(model, x, y, seeds: int) -> list[dict]:
-    ph = importlib.import_module("pyhessian.hessian")
-    orig = ph.hessian_vector_product
-    count = {"n": 0}
-
-    def counted(*a):
-        count["n"] += 1
-        return orig(*a)
-
-    ph.hessian_vector_product = counted
+    """Top-1 per seed through ``bench_hessian.measure_hessian`` (the same calls as its table)."""
     rows = []
-    try:
-        for seed in range(seeds):
-            row: dict = {"seed": seed}
-            for stop in ("change", "residual"):
-                c0 = time.process_time()
-                r = top_eigenvalues(model, LOSS, [(x, y)], k=1, stop=stop, seed=seed)
-                row[f"vitsam_{stop}"] = (r.num_hvps, time.process_time() - c0, r.eigenvalues[0])
-            with math_attention(model):
-                torch.manual_seed(seed)
-                count["n"] = 0
-                c0 = time.process_time()
-                h = ph.hessian(model, LOSS, data=(x, y), cuda=False)
-                vals, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
-                row["pyhessian"] = (count["n"], time.process_time() - c0, float(vals[0]))
-            model.zero_grad(set_to_none=True)
-            rows.append(row)
-    finally:
-        ph.hessian_vector_product = orig
+    for seed in range(seeds):
+        row: dict = {"seed": seed}
+        for key, tool in (("vitsam_change", "vitsam-change"), ("vitsam_residual", "vitsam"),
+                          ("pyhessian", "pyhessian")):
+            r = measure_hessian({"tool": tool, "k": 1, "tol": 1e-3, "max_iter": 100,
+                                 "seed": seed}, model, x, y)
+            row[key] = (r["hvps"], r["cpu_seconds"], r["eigenvalues"][0])
+        rows.append(row)
     return rows
 
 
