@@ -1,4 +1,5 @@
-"""The ``vitsam`` command line: train, eval, analyze, prune, corrupt, models, presets, demo."""
+"""The ``vitsam`` command line: train, eval, analyze, prune, corrupt, study, report, models,
+presets, demo."""
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins() -> list[Callable[[Any], None]]:
     """Sub-commands defined next to the code they drive (eval, analyze, prune, corrupt)."""
     from .commands import register_all
+    from .report.command import add_report
+    from .study.command import add_study
 
-    return register_all()
+    return [*register_all(), add_study, add_report]
 
 
 def error_line(exc: BaseException) -> str:

@@ -1,0 +1,165 @@
+"""The report's own figures, drawn from run folders: training curves, lambda_max per cell,
+SAM's gain against training-set size, curvature over training, sparsity per block.
+
+Each function takes the per-cell rows of ``study.tables.collect`` (plus the study folder) and
+writes one PNG, returning its path, or None when the folders hold nothing to draw.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..io import read_json, read_jsonl  # noqa: E402
+
+COLORS = {"vanilla": "tab:blue", "sam": "tab:red", "aug": "tab:green", "sam-aug": "tab:purple"}
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _families(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return sorted({r["family"] for r in rows})
+
+
+def training_curves(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Training loss and test accuracy against epochs, one panel pair per family."""
+    fams = _families(rows)
+    if not fams:
+        return None
+    fig, axes = plt.subplots(2, len(fams), figsize=(3.6 * len(fams), 5.2), squeeze=False)
+    drawn = False
+    for j, fam in enumerate(fams):
+        for r in rows:
+            if r["family"] != fam or r.get("fraction", 1.0) != max(
+                    x.get("fraction", 1.0) for x in rows if x["family"] == fam):
+                continue
+            log = study_dir / r["name"] / "metrics.jsonl"
+            if not log.exists():
+                continue
+            recs = list(read_jsonl(log))
+            tr = [(x["epoch"], x["loss"]) for x in recs if "loss" in x]
+            te = [(x["epoch"], 100 * x["test_acc"]) for x in recs if "test_acc" in x]
+            style = dict(color=COLORS.get(r["method"], "k"), alpha=0.8, lw=1.2,
+                         label=f"{r['method']} s{r['seed']}")
+            if tr:
+                axes[0, j].plot(*zip(*tr), **style)
+                drawn = True
+            if te:
+                axes[1, j].plot(*zip(*te), marker=".", **style)
+        axes[0, j].set_title(fam)
+        axes[0, j].set_ylabel("training loss")
+        axes[1, j].set_ylabel("test accuracy %")
+        axes[1, j].set_xlabel("epoch")
+        axes[0, j].legend(fontsize=7)
+    return _save(fig, path) if drawn else (plt.close(fig) or None)
+
+
+def lambda_bars(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """lambda_max per cell on clean and augmented batches (log scale), with the batch loss."""
+    cells = [r for r in rows if "lambda_max" in r]
+    if not cells:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(cells) + 1.5), 3.6))
+    xs = range(len(cells))
+    ax.bar([x - 0.2 for x in xs], [max(r["lambda_max"], 1e-6) for r in cells], width=0.4,
+           color=[COLORS.get(r["method"], "grey") for r in cells], label="clean batches")
+    aug = [max(r.get("lambda_max_aug", 0.0), 1e-6) for r in cells]
+    ax.bar([x + 0.2 for x in xs], aug, width=0.4, color="lightgrey", edgecolor="k",
+           label="augmented batches")
+    for x, r in zip(xs, cells):
+        if "lambda_max_loss" in r:
+            ax.annotate(f"L={r['lambda_max_loss']:.2f}", (x - 0.2, r["lambda_max"]), fontsize=6,
+                        ha="center", va="bottom", rotation=90)
+    ax.set_xticks(list(xs), [r["name"] for r in cells], rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("Hessian lambda_max")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def gain_vs_size(agg: Sequence[dict[str, Any]], path: Path, col: str = "test_acc") -> Path | None:
+    """SAM's accuracy gain over vanilla (and SAM+AUG over AUG) against the training fraction."""
+    index = {(r["family"], r["method"], r["fraction"]): r for r in agg}
+    fracs = sorted({r["fraction"] for r in agg})
+    if len(fracs) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    drawn = False
+    for fam in sorted({r["family"] for r in agg}):
+        for meth, base, ls in (("sam", "vanilla", "-"), ("sam-aug", "aug", "--")):
+            pts = []
+            for fr in fracs:
+                a, b = index.get((fam, meth, fr)), index.get((fam, base, fr))
+                if a and b and col in a and col in b:
+                    spread = a[col]["std"] + b[col]["std"]
+                    pts.append((fr, a[col]["mean"] - b[col]["mean"], spread))
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, ls=ls, marker="o", capsize=3,
+                            label=f"{fam}: {meth} - {base}")
+                drawn = True
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xticks(fracs, [f"{f:g}" for f in fracs])
+    ax.set_xlabel("fraction of the training set")
+    ax.set_ylabel("accuracy gain (points)")
+    ax.legend(fontsize=7)
+    return _save(fig, path) if drawn else (plt.close(fig) or None)
+
+
+def sharpness_curves(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """lambda_max at every checkpoint (top) and SAM's logged sharpness (bottom) against steps."""
+    runs = [(r, study_dir / r["name"] / "sharpness.json") for r in rows]
+    runs = [(r, read_json(p, "sharpness file")) for r, p in runs if p.exists()]
+    if not runs:
+        return None
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(5.6, 6.0), sharex=True)
+    for r, s in runs:
+        pts = s["checkpoints"]
+        style = dict(color=COLORS.get(r["method"], "k"),
+                     ls="-" if r["family"] == "vit" else ":", marker="o", ms=3)
+        if pts:
+            a1.plot([p["step"] for p in pts], [p["lambda_max"] for p in pts],
+                    label=f"{r['family']} {r['method']} s{r['seed']}", **style)
+        if s["logged"]:
+            a2.plot([p["step"] for p in s["logged"]], [p["sharpness"] for p in s["logged"]],
+                    label=f"{r['family']} {r['method']}", color=style["color"], ls=style["ls"])
+    a1.set_yscale("log")
+    a1.set_ylabel("Hessian lambda_max")
+    a1.legend(fontsize=7)
+    a2.set_ylabel("SAM sharpness (L(w+e) - L(w))")
+    a2.set_xlabel("training step")
+    return _save(fig, path)
+
+
+def sparsity_per_block(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Mean active MLP units per image, per block, one line per cell."""
+    fig, ax = plt.subplots(figsize=(5.4, 3.6))
+    drawn = False
+    for r in rows:
+        ana = study_dir / r["name"] / "analysis.json"
+        if not ana.exists():
+            continue
+        layers = read_json(ana, "analysis file").get("sparsity", {}).get("result", {}).get("layers")
+        if not layers:
+            continue
+        for kind in sorted({v["kind"] for v in layers.values()}):
+            vals = [v["mean_active_pct_per_image"] for v in layers.values() if v["kind"] == kind]
+            ax.plot(range(1, len(vals) + 1), vals, marker="o", color=COLORS.get(r["method"], "k"),
+                    ls="-" if kind in ("mlp", "channel") else "--",
+                    label=f"{r['family']} {r['method']} s{r['seed']} ({kind})")
+            drawn = True
+    ax.set_xlabel("block")
+    ax.set_ylabel("active units per image %")
+    ax.legend(fontsize=6)
+    return _save(fig, path) if drawn else (plt.close(fig) or None)

@@ -1,0 +1,77 @@
+"""``vitsam study NAME --scale S --out DIR``."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise ConfigError("--seeds lists no seeds; give e.g. 0,1")
+    return seeds
+
+
+def add_study(sub: Any) -> None:
+    from .presets import SCALES, STUDIES
+
+    s = sub.add_parser("study", help="run one of the paper's comparisons as a grid of runs",
+                       description="Train every cell of a study (a grid of run presets), run its "
+                                   "analyses and evaluations, and write its tables. Finished "
+                                   "cells are reused; failed cells are reported. Studies: "
+                                   + "; ".join(f"{k}: {v.description}" for k, v in STUDIES.items()))
+    s.add_argument("name", metavar="NAME", help=f"one of {', '.join(STUDIES)}")
+    s.add_argument("--scale", default="smoke", choices=SCALES,
+                   help="smoke (seconds), cpu (2 cores, about an hour), gpu, paper")
+    s.add_argument("--out", required=True, help="study folder (one run folder per cell)")
+    s.add_argument("--data", help="data source for every cell (as data.source)")
+    s.add_argument("--root", help="data root for every cell (as data.root)")
+    s.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="cells trained at once, each in its own process with cores/N threads")
+    s.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells")
+    s.add_argument("--list", action="store_true", help="list the cells and exit")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("overrides", nargs="*", help="key=value applied to every cell")
+    s.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> None:
+    from .presets import get_study, study_cells
+    from .tables import write_tables
+    from .runner import StudyFailed, print_status, run_study
+
+    study = get_study(args.name)
+    seeds = _seeds(args.seeds)
+    if args.list:
+        for c in study_cells(study, args.scale, seeds, args.overrides, args.only, args.data,
+                             args.root):
+            print(f"{c.name:<28} {c.config.model.name} {dict(c.config.model.kwargs)} "
+                  f"fraction={c.config.data.train_fraction:g} sam={c.config.optim.sam}")
+        return
+    command = "vitsam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    failure = None
+    try:
+        record = run_study(study, args.scale, args.out, seeds, args.workers, args.only,
+                           args.overrides, args.data, args.root, progress=not args.quiet,
+                           command=command)
+    except StudyFailed as exc:
+        failure = exc
+        from ..io import read_json
+
+        record = read_json(Path(args.out) / f"study-{study.name}.json", "study record")
+    print(f"\nstudy {study.name} at {args.scale} scale -> {args.out}")
+    print_status(record)
+    md = write_tables(Path(args.out), record)
+    print("\n" + md.read_text())
+    print(f"tables -> {md} (and .csv); full report: vitsam report {args.out}")
+    if failure is not None:
+        raise failure

@@ -1,0 +1,252 @@
+"""Studies: the paper's comparisons as presets of presets.
+
+A study is a grid of cells (each a ``RunConfig`` built from a run preset plus overrides) and the
+stages run on every cell's run folder after training (analyses, corruption accuracy,
+throughput). Scales size the same grid for a budget:
+
+    smoke  seconds: the presets' smoke sizes on sklearn's 8x8 digits (CI)
+    cpu    2 CPU cores: CIFAR-10, 200 images per class, small matched models (see CPU_REASONING)
+    gpu    one GPU: full CIFAR-10 with the c10 presets
+    paper  the paper's ImageNet recipes (set --root to an ImageFolder tree)
+
+Cell names are ``<family>-<method>[-f<fraction>]-s<seed>``; the method is ``vanilla``, ``sam``,
+``aug`` (strong augmentation: RandAugment + Mixup) or ``sam-aug``.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+from ..config import ConfigError, RunConfig, apply_overrides
+from ..presets import get_preset
+
+SCALES = ("smoke", "cpu", "gpu", "paper")
+FAMILIES = ("resnet", "vit", "mixer")
+METHODS = ("vanilla", "sam", "aug", "sam-aug")
+FRACTIONS = (1.0, 0.5, 0.25, 0.1)
+
+# Why the cpu scale looks the way it does (measured on the shared CIFAR-10, one thread a run):
+# SAM helps once a model fits its training data; a ViT that still underfits pays SAM's cost
+# without its benefit. On 2 cores an hour buys about a dozen 5-8 minute runs, so the training set
+# is cut to 2,000 images (200 per class), where a ViT of 1.2M parameters reaches near-perfect
+# training accuracy in 100 epochs. Patch 8 (16 tokens of a 32 px image) rather than 4 (64 tokens)
+# makes a ViT step 3-4x cheaper; the Mixer uses the same patches and width, and the ResNet-18 is
+# cut to 1/4 width so that the three families have 0.7-1.2M parameters. rho follows the paper's
+# ordering (Mixer > ViT > ResNet).
+CPU_REASONING = (
+    "CIFAR-10 at 200 images per class (2,000 training images, full 10,000-image test set), "
+    "100 epochs, pad-crop + flip, batch 128; ViT d128 L6 patch 8 (1.2M), Mixer d128 L6 patch 8 "
+    "(0.8M), ResNet-18 at 1/4 width (0.7M); chosen so that vanilla ViT nears 100% training "
+    "accuracy, the regime where SAM can show its effect")
+
+_CPU_MODEL = {
+    "vit": {"patch_size": 8, "depth": 6, "embed_dim": 128, "num_heads": 4},
+    "mixer": {"patch_size": 8, "num_blocks": 6, "embed_dim": 128},
+    "resnet": {"width": 16},
+}
+_CPU_RHO = {"vit": 0.1, "mixer": 0.2, "resnet": 0.05}
+CPU_IMAGES = 2000  # training images at fraction 1 (CIFAR-10 has 50,000)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a study: its folder name, config and the coordinates it fills in a table."""
+
+    name: str
+    config: RunConfig
+    family: str
+    method: str
+    seed: int
+    fraction: float = 1.0
+
+    def key(self) -> tuple[str, str, float]:
+        """The table row this cell is a seed of."""
+        return (self.family, self.method, self.fraction)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How much each post-training stage measures at one scale (analysis ``--set`` settings)."""
+
+    batches: int = 4
+    batch_size: int = 64
+    hessian: tuple[str, ...] = ("hessian.k=1", "hessian.trace_probes=0", "hessian.tol=0.01")
+    ntk: tuple[str, ...] = ("ntk.num_inputs=64",)
+    ntk_seeds: int = 3  # re-initialisations per cell; cell seed s uses seeds n*s .. n*s+n-1
+    corrupt_limit: int | None = 1000  # test images in the study's shared -C set
+    corrupt_params: str = "cifar-c"
+    corruptions: tuple[str, ...] | None = None  # None: all 15
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    landscape: tuple[str, ...] = ("landscape.dims=1", "landscape.steps=11", "landscape.max_batches=2")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A named grid of cells with the stages to run on each cell after training."""
+
+    name: str
+    description: str
+    grid: Callable[[str, Sequence[int]], list[Cell]]
+    stages: tuple[str, ...]
+    columns: tuple[str, ...]
+    settings: Callable[[str], StageSettings] = field(default=lambda scale: StageSettings())
+    reuses: str | None = None  # a study whose cells (same name and config) may be reused
+
+
+def _base(family: str, method: str, scale: str) -> RunConfig:
+    sam = method in ("sam", "sam-aug")
+    if scale == "smoke":
+        # The presets' smoke sizes on sklearn's 8x8 digits (patch 4: 4 tokens), so that a
+        # whole grid with its analyses runs in seconds.
+        cfg = get_preset(f"mnist-{family}{'-sam' if sam else ''}", smoke_size=True)
+        kw = dict(cfg.model.kwargs)
+        if family != "resnet":
+            kw["patch_size"] = 4
+        cfg = replace(cfg, model=replace(cfg.model, kwargs=kw),
+                      data=replace(cfg.data, source="digits", img_size=8, train_fraction=0.25),
+                      train=replace(cfg.train, train_eval_samples=100))
+    elif scale == "paper":
+        model = {"vit": "vit-b16", "mixer": "mixer-b16", "resnet": "resnet152"}[family]
+        cfg = get_preset(f"in1k-{model}{'-sam' if sam else ''}")
+    else:
+        cfg = get_preset(f"c10-{family}{'-sam' if sam else ''}")
+    if scale == "cpu":
+        kw = dict(cfg.model.kwargs)
+        kw.update(_CPU_MODEL[family])
+        cfg = replace(cfg, model=replace(cfg.model, kwargs=kw),
+                      optim=replace(cfg.optim, rho=_CPU_RHO[family]),
+                      data=replace(cfg.data, train_fraction=CPU_IMAGES / 50000),
+                      train=replace(cfg.train, epochs=100, threads=1, eval_every_epochs=10,
+                                    ckpt_every_epochs=10))
+    if method in ("aug", "sam-aug"):
+        cfg = replace(cfg, data=replace(cfg.data, augment="strong"))
+    return cfg
+
+
+def _cell(family: str, method: str, seed: int, scale: str, fraction: float = 1.0,
+          with_fraction: bool = False) -> Cell:
+    cfg = _base(family, method, scale)
+    if fraction != 1.0:
+        cfg = replace(cfg, data=replace(cfg.data, train_fraction=cfg.data.train_fraction * fraction))
+    name = f"{family}-{method}" + (f"-f{fraction:g}" if with_fraction else "") + f"-s{seed}"
+    cfg = replace(cfg, name=name, train=replace(cfg.train, seed=seed))
+    return Cell(name, cfg, family, method, seed, fraction)
+
+
+def _main_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    return [_cell(f, m, s, scale) for f in FAMILIES for m in ("vanilla", "sam") for s in seeds]
+
+
+def _augment_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    fracs = FRACTIONS if scale != "smoke" else (1.0, 0.5)
+    return [_cell(f, m, s, scale, fr, with_fraction=True)
+            for fr in fracs for f in FAMILIES for m in METHODS for s in seeds]
+
+
+def _inside_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    return [_cell(f, m, s, scale) for f in ("vit", "mixer") for m in ("vanilla", "sam")
+            for s in seeds]
+
+
+def _sharpness_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    cells = []
+    for f in ("vit", "resnet"):
+        for m in ("vanilla", "sam"):
+            for s in seeds:
+                c = _cell(f, m, s, scale)
+                # Its own folder name: the checkpoint settings differ from main's cells.
+                c = replace(c, name=f"{f}-{m}-ckpts-s{s}", config=replace(
+                    c.config, name=f"{f}-{m}-ckpts-s{s}"))
+                t = c.config.train
+                # A checkpoint every tenth of the run, all kept: the curvature curve's points.
+                every = (1 / 45) if scale == "smoke" else t.epochs / 10  # smoke: every step
+                cells.append(replace(c, config=replace(c.config, train=replace(
+                    t, ckpt_every_epochs=every, keep_checkpoints=1000))))
+    return cells
+
+
+def _settings(scale: str) -> StageSettings:
+    if scale == "smoke":
+        return StageSettings(batches=1, batch_size=16,
+                             hessian=("hessian.k=1", "hessian.trace_probes=0", "hessian.tol=0.05",
+                                      "hessian.max_iter=8"),
+                             ntk=("ntk.num_inputs=8",), ntk_seeds=2, corrupt_limit=16,
+                             corrupt_params="cifar-c", corruptions=("gaussian_noise", "contrast"),
+                             severities=(1, 3),
+                             landscape=("landscape.dims=1", "landscape.steps=3",
+                                        "landscape.max_batches=1"))
+    if scale == "cpu":
+        return StageSettings(batches=4, batch_size=64, corrupt_limit=500)
+    return StageSettings(batches=8, batch_size=128, corrupt_limit=None)
+
+
+MAIN_COLUMNS = ("params", "ntk_kappa_init", "lambda_max", "test_acc", "corrupt_acc",
+                "train_images_per_s")
+
+STUDIES: dict[str, Study] = {
+    "main": Study("main", "The paper's first table: {ResNet, ViT, Mixer} x {vanilla, SAM} at "
+                  "matched size: NTK kappa at init, Hessian lambda_max, clean and corruption "
+                  "accuracy, training images/s", _main_grid,
+                  ("hessian", "ntk", "corruptions"), MAIN_COLUMNS, _settings),
+    "augment": Study("augment", "The paper's data-size table: {ResNet, ViT, Mixer} x {vanilla, "
+                     "SAM, AUG, SAM+AUG} x training fraction {1, 1/2, 1/4, 1/10}, with SAM's "
+                     "gain against training-set size", _augment_grid, ("hessian",),
+                     ("test_acc", "train_acc", "lambda_max"), _settings),
+    "inside": Study("inside", "Inside the models: activation sparsity per block and class-token "
+                    "attention, vanilla vs SAM (reuses main's cells)", _inside_grid,
+                    ("sparsity", "attention", "landscape"),
+                    ("test_acc", "active_pct", "attention_entropy"),
+                    _settings, reuses="main"),
+    "sharpness": Study("sharpness", "lambda_max and SAM's logged sharpness at every saved "
+                       "checkpoint, against training steps", _sharpness_grid,
+                       ("sharpness",), ("test_acc", "lambda_max"), _settings),
+}
+
+
+def get_study(name: str) -> Study:
+    """The study ``name``; a one-line error with close names otherwise."""
+    if name not in STUDIES:
+        close = difflib.get_close_matches(name, list(STUDIES), n=2)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown study {name!r}{hint}; choose from {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
+def study_cells(study: Study, scale: str, seeds: Sequence[int], overrides: Sequence[str] = (),
+                only: Sequence[str] | None = None, data: str | None = None,
+                root: str | None = None) -> list[Cell]:
+    """The cells of ``study`` at ``scale``, with ``--data/--root`` and overrides applied."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose from {', '.join(SCALES)}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must list distinct integers, got {list(seeds)}")
+    cells = study.grid(scale, seeds)
+    if only:
+        names = {c.name for c in cells}
+        unknown = [o for o in only if o not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"--only: no cell {unknown[0]!r} in {study.name} at {scale} scale"
+                              f"{hint}; cells: {', '.join(sorted(names))}")
+        cells = [c for c in cells if c.name in set(only)]
+    out = []
+    for c in cells:
+        cfg = c.config
+        if data or root:
+            extra = ([f"data.source={data}"] if data else []) + ([f"data.root={root}"] if root else [])
+            cfg = apply_overrides(cfg, extra)
+        out.append(replace(c, config=cfg))
+    return out
+
+
+def cell_overrides(cell: Cell, overrides: Sequence[str]) -> RunConfig:
+    """The cell's config with the study's key=value overrides (raises ConfigError per cell)."""
+    return apply_overrides(cell.config, list(overrides))
+
+
+def describe(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """JSON rows of the grid (for study.json)."""
+    return [{"name": c.name, "family": c.family, "method": c.method, "seed": c.seed,
+             "fraction": c.fraction} for c in cells]

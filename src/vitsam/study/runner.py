@@ -1,0 +1,188 @@
+"""Run a study: the grid's cells in worker processes, finished cells reused, failures recorded.
+
+``DIR/study-<name>.json`` records the study (scale, seeds, command, every cell's status and, for
+a failed cell, its one-line error); each cell is the run folder ``DIR/<cell>``; a study's shared
+corruption set lives in ``DIR/_shared/corruptions``. A failing cell never stops the others; the
+study then raises ``StudyFailed`` naming the failed cells (the CLI exits non-zero).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, RunConfig
+from ..io import atomic_write_json
+from .presets import Cell, Study, cell_overrides, describe, study_cells
+from .stages import pending, run_cell
+
+
+class StudyFailed(RuntimeError):
+    """Some cells of a study failed; the others finished."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _worker(cell: Cell, cfg: RunConfig, cell_dir: str, stages: tuple[str, ...], settings: Any,
+            shared: dict[str, str], threads: int) -> dict[str, Any]:
+    """One cell in a worker process: never raises, returns status and (on failure) the error."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        out = run_cell(cell, cfg, Path(cell_dir), stages, settings, shared)
+        return {"status": "done", **out}
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a failing cell is reported, never fatal
+        return {"status": "failed", "error": _one_line(exc),
+                "traceback": traceback.format_exc(limit=8)}
+
+
+def _shared_corruptions(out: Path, cells: list[Cell], settings: Any, progress: bool) -> str:
+    """The study's -C set, built once from the first cell's test split (all cells share it)."""
+    from ..data.corruptions import build_corruption_set
+    from ..eval.runner import corruption_source
+
+    dest = out / "_shared" / "corruptions"
+    data = cells[0].config.data
+    img = data.img_size
+    images, labels, desc = corruption_source(data.source, data.root, None, img,
+                                             settings.corrupt_limit, 0)
+    build_corruption_set(images, labels, dest, params=settings.corrupt_params,
+                         corruptions=settings.corruptions, severities=settings.severities,
+                         workers=0, progress=progress, source=desc)
+    return str(dest)
+
+
+def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = (0,),
+              workers: int = 1, only: Sequence[str] | None = None,
+              overrides: Sequence[str] = (), data: str | None = None, root: str | None = None,
+              progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Run (or continue) ``study`` at ``scale`` into ``out``; returns the study record.
+
+    ``workers`` cells train at once, each in its own process with ``cpu_count // workers``
+    torch threads (``workers=1`` runs the cells in this process, one after the other).
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the study")
+    cells = study_cells(study, scale, seeds, overrides, only, data, root)
+    settings = study.settings(scale)
+    configs, errors = _configs(cells, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    record: dict[str, Any] = {"study": study.name, "description": study.description,
+                              "scale": scale, "seeds": list(seeds), "workers": workers,
+                              "overrides": list(overrides), "data": data, "root": root,
+                              "command": command, "stages": list(study.stages),
+                              "columns": list(study.columns), "grid": describe(cells),
+                              "cells": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    rec_path = out / f"study-{study.name}.json"
+    todo: list[Cell] = []
+    for c in cells:
+        if c.name in errors:
+            record["cells"][c.name] = {"status": "failed", "error": errors[c.name]}
+            continue
+        cfg = replace(configs[c.name], train=replace(configs[c.name].train, threads=threads))
+        configs[c.name] = cfg
+        try:
+            left = pending(out / c.name, cfg, study.stages)
+        except ValueError as exc:
+            record["cells"][c.name] = {"status": "failed", "error": _one_line(exc)}
+            continue
+        if left:
+            todo.append(c)
+        else:
+            record["cells"][c.name] = {"status": "reused"}
+    shared: dict[str, str] = {}
+    if "corruptions" in study.stages and todo:
+        shared["corruptions"] = _shared_corruptions(out, todo, settings, progress)
+    elif "corruptions" in study.stages and (out / "_shared" / "corruptions").is_dir():
+        shared["corruptions"] = str(out / "_shared" / "corruptions")
+    record["shared"] = shared
+    atomic_write_json(rec_path, record)
+
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo) - len(errors), unit="cell",
+               desc=f"study {study.name} ({scale})", disable=not progress, dynamic_ncols=True)
+    args = {c.name: (c, configs[c.name], str(out / c.name), study.stages, settings, shared,
+                     threads) for c in todo}
+    t0 = time.perf_counter()
+
+    def finished(name: str, res: dict[str, Any]) -> None:
+        entry = {k: v for k, v in res.items() if k != "traceback"}
+        record["cells"][name] = entry
+        if res["status"] == "failed":
+            (out / "_shared").mkdir(exist_ok=True)
+            with open(out / "_shared" / f"{name}.error.txt", "w") as fh:
+                fh.write(res.get("traceback", res["error"]))
+        atomic_write_json(rec_path, record)
+        bar.update(1)
+        failed = sum(1 for e in record["cells"].values() if e["status"] == "failed")
+        bar.set_postfix(done=len(record["cells"]) - failed, failed=failed,
+                        running=len(todo) - len([n for n in args if n in record["cells"]]))
+
+    if workers == 1:
+        for c in todo:
+            bar.set_postfix_str(f"running {c.name}")
+            finished(c.name, _worker(*args[c.name]))
+    else:
+        ctx = get_context("spawn")  # fork would share torch's thread pools and locks
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures: dict[Future, str] = {pool.submit(_worker, *args[c.name]): c.name
+                                          for c in todo}
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for f in done:
+                    name = futures.pop(f)
+                    try:
+                        res = f.result()
+                    except Exception as exc:  # the worker process died (killed, out of memory)
+                        res = {"status": "failed", "error": f"worker died: {_one_line(exc)}"}
+                    finished(name, res)
+    bar.close()
+    record["wall_time_s"] = time.perf_counter() - t0
+    record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    atomic_write_json(rec_path, record)
+    failed = sorted(n for n, e in record["cells"].items() if e["status"] == "failed")
+    if failed:
+        first = record["cells"][failed[0]]["error"]
+        raise StudyFailed(f"{len(failed)} of {len(cells)} cells failed ({', '.join(failed)}); "
+                          f"{failed[0]}: {first}; details in {out / '_shared'}")
+    return record
+
+
+def _configs(cells: list[Cell], overrides: Sequence[str]) -> tuple[dict[str, RunConfig], dict[str, str]]:
+    """Each cell's config with the overrides; an override no cell accepts is a usage error."""
+    configs: dict[str, RunConfig] = {}
+    errors: dict[str, str] = {}
+    for c in cells:
+        try:
+            configs[c.name] = cell_overrides(c, overrides)
+        except (ConfigError, ValueError, TypeError) as exc:
+            errors[c.name] = _one_line(exc)
+    if errors and not configs:
+        raise ConfigError(next(iter(errors.values())).split(": ", 1)[-1])
+    return configs, errors
+
+
+def print_status(record: dict[str, Any], file: Any = sys.stdout) -> None:
+    """The grid's cells with their status, one line each."""
+    for name, e in sorted(record["cells"].items()):
+        extra = f"  {e['error']}" if e["status"] == "failed" else (
+            f"  ({e['seconds']:.0f}s)" if "seconds" in e else "")
+        print(f"  {name:<28} {e['status']:<7}{extra}", file=file)

@@ -1,0 +1,219 @@
+"""What a study does to one cell: train (or resume) its run folder, then run its stages.
+
+Every stage writes into the cell's run folder through the same code as the CLI (``analysis.json``
+via the analysis runner, ``eval.json`` via the evaluation runner, ``sharpness.json`` here) and is
+recorded in ``cell.json``, the marker written last. A stage already listed there is not run
+again, so an interrupted study continues where it stopped and a study folder can hold several
+studies' stages on the same cells (``inside`` reuses ``main``'s trained runs).
+
+Stages:
+    hessian      lambda_max (cheap Lanczos) on clean training batches and on augmented ones
+    ntk          NTK condition number, of the trained model and re-initialised (the paper's)
+    sparsity     active MLP units per block
+    attention    class-token attention entropy and maps (ViT only; others: not applicable)
+    landscape    filter-normalised loss curve around the trained weights
+    corruptions  accuracy on the study's shared -C set
+    sharpness    lambda_max at every saved checkpoint, next to SAM's logged sharpness
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig, to_dict
+from ..io import atomic_write_json, merge_json, read_json, read_jsonl
+from .presets import Cell, StageSettings
+
+STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness")
+MARKER = "cell.json"
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """A hash of everything in a cell's config that changes its results (not its thread count
+    or output folder)."""
+    d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_marker(cell_dir: Path) -> dict[str, Any] | None:
+    """The cell's marker, or None when the cell never finished a stage list."""
+    path = cell_dir / MARKER
+    if not path.exists():
+        return None
+    try:
+        return read_json(path, "study cell marker")
+    except ValueError:
+        return None  # a damaged marker: the stages are checked again (each is idempotent)
+
+
+def pending(cell_dir: Path, cfg: RunConfig, stages: tuple[str, ...]) -> list[str]:
+    """The stages (``train`` first) still to do for a cell; raises if the folder holds a
+    different run."""
+    marker = read_marker(cell_dir)
+    if marker is not None and marker.get("fingerprint") != fingerprint(cfg):
+        raise ValueError(f"cell folder {cell_dir} was made with another configuration; delete "
+                         "it, or use another --out for the changed study")
+    done = set(marker.get("stages", [])) if marker else set()
+    trained = (cell_dir / "final.json").exists()
+    return ([] if trained else ["train"]) + [s for s in stages if s not in done]
+
+
+def run_cell(cell: Cell, cfg: RunConfig, cell_dir: Path, stages: tuple[str, ...],
+             settings: StageSettings, shared: dict[str, str], progress: bool = False) -> dict[str, Any]:
+    """Train and measure one cell; returns ``{"ran": [stages run], "seconds": ...}``."""
+    from ..train.engine import train
+
+    todo = pending(cell_dir, cfg, stages)
+    t0 = time.perf_counter()
+    if "train" in todo:
+        resume = (cell_dir / "config.json").exists()
+        if resume:
+            train(resume=cell_dir, progress=progress)
+        else:
+            train(cfg, run_dir=cell_dir, progress=progress)
+    marker = read_marker(cell_dir) or {}
+    done = [s for s in marker.get("stages", []) if s in stages]
+    for stage in [s for s in todo if s != "train"]:
+        STAGE_FUNCS[stage](cell_dir, settings, shared)
+        done.append(stage)
+        # The marker after each stage: an interruption repeats at most the stage in progress.
+        atomic_write_json(cell_dir / MARKER, {"name": cell.name, "fingerprint": fingerprint(cfg),
+                                              "stages": done, "family": cell.family,
+                                              "method": cell.method, "seed": cell.seed,
+                                              "fraction": cell.fraction})
+    atomic_write_json(cell_dir / MARKER, {"name": cell.name, "fingerprint": fingerprint(cfg),
+                                          "stages": done, "family": cell.family,
+                                          "method": cell.method, "seed": cell.seed,
+                                          "fraction": cell.fraction, "complete": True})
+    return {"ran": todo, "seconds": time.perf_counter() - t0}
+
+
+def _analyze(cell_dir: Path, names: list[str], settings: StageSettings, extra: tuple[str, ...],
+             checkpoint: str = "last") -> dict[str, Any]:
+    from ..analysis.runner import Request, analyze, draw
+
+    req = Request(names, settings.batches, settings.batch_size, 0, "cpu", checkpoint, list(extra))
+    entries = analyze(cell_dir, req, progress=False)
+    for name, entry in entries.items():
+        if entry["result"].get("supported", True) is not False:  # "not applicable" has no figure
+            draw(name, [(cell_dir.name, entry["result"])], cell_dir)
+    return entries
+
+
+def _hessian(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
+    _analyze(cell_dir, ["hessian"], settings, settings.hessian)
+    merge_json(cell_dir / "analysis.json",
+               {"hessian_augmented": augmented_hessian(cell_dir, settings)}, "analysis file")
+
+
+def augmented_hessian(cell_dir: Path, settings: StageSettings,
+                      checkpoint: str = "last") -> dict[str, Any]:
+    """lambda_max on training batches as the run saw them (its augmentation; Mixup's soft
+    targets are replaced by the hard labels' cross-entropy), with their loss and accuracy."""
+    from ..analysis import hessian
+    from ..analysis.runner import plugin_config, public
+    from ..data import build_data, train_batches
+    from ..train.checkpoint import load_run
+
+    run = load_run(cell_dir, checkpoint)
+    bundle = build_data(run.data_config())
+    # Basic augmentation for every run: Mixup's soft targets have no single-label Hessian, and
+    # crop + flip is the augmentation the clean-vs-augmented comparison is about.
+    aug = "basic" if bundle.config.augment != "none" else "none"
+    batches = []
+    for x, y in train_batches(bundle, min(settings.batch_size, len(bundle.train)), epoch=0,
+                              seed=12345, augment=aug):
+        batches.append((x, y))
+        if len(batches) == settings.batches:
+            break
+    cfg = plugin_config("hessian", [s for s in settings.hessian], progress=False)
+    res = public(hessian.run(run.model, batches, cfg))
+    res["batch_accuracy"] = _accuracy(run.model, batches)
+    res["augment"] = aug
+    return {"result": res, "step": run.step, "checkpoint": run.checkpoint.name,
+            "samples": sum(len(y) for _, y in batches)}
+
+
+def _accuracy(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    was = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    finally:
+        for m, t in zip(model.modules(), was):
+            m.training = t
+    return correct / max(1, sum(len(y) for _, y in batches))
+
+
+def _simple(name: str):
+    def stage(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
+        extra = {"ntk": settings.ntk, "landscape": settings.landscape}.get(name, ())
+        _analyze(cell_dir, [name], settings, extra)
+    return stage
+
+
+def _ntk(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
+    # Distinct re-initialisations per training seed, so a row's spread covers them all.
+    seed = int(read_marker_or_config(cell_dir)["train"]["seed"])
+    n = settings.ntk_seeds
+    seeds = ",".join(str(n * seed + i) for i in range(n))
+    _analyze(cell_dir, ["ntk"], settings, (*settings.ntk, f"ntk.seeds=[{seeds}]"))
+
+
+def read_marker_or_config(cell_dir: Path) -> dict[str, Any]:
+    """The run's saved config (config.json)."""
+    return read_json(cell_dir / "config.json", "run config")
+
+
+def _corruptions(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
+    from ..eval.robustness import heatmap
+    from ..eval.runner import EvalRequest, evaluate_run
+
+    if "corruptions" not in shared:
+        raise ValueError("the corruptions stage needs the study's shared -C set")
+    out = evaluate_run(cell_dir, EvalRequest(corruptions=shared["corruptions"], batch_size=256),
+                       progress=False)
+    heatmap([(cell_dir.name, out["corruptions"])], cell_dir / "corruption_heatmap.png")
+
+
+def _sharpness(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
+    """lambda_max (clean and augmented batches) at each saved checkpoint -> sharpness.json."""
+    from ..analysis import hessian
+    from ..analysis.runner import plugin_config, public, sample_batches
+    from ..data import build_data
+    from ..train.checkpoint import list_checkpoints, load_run
+
+    points = []
+    bundle = None
+    for name in list_checkpoints(cell_dir):
+        run = load_run(cell_dir, name)
+        if bundle is None:
+            bundle = build_data(run.data_config())
+        data = sample_batches(bundle.train, bundle.mean, bundle.std, bundle.img_size,
+                              settings.batches * settings.batch_size, settings.batch_size, 0,
+                              "cpu")
+        cfg = plugin_config("hessian", list(settings.hessian), progress=False)
+        clean = public(hessian.run(run.model, data, cfg))
+        aug = augmented_hessian(cell_dir, settings, name)["result"]
+        points.append({"checkpoint": name, "step": run.step,
+                       "lambda_max": clean["lambda_max"], "loss": clean["loss"],
+                       "batch_accuracy": _accuracy(run.model, data),
+                       "lambda_max_augmented": aug["lambda_max"], "loss_augmented": aug["loss"]})
+    logged = [{"step": r["step"], "sharpness": r["sharpness"], "loss": r.get("loss")}
+              for r in read_jsonl(cell_dir / "metrics.jsonl")
+              if "sharpness" in r and r["sharpness"] == r["sharpness"]]
+    atomic_write_json(cell_dir / "sharpness.json", {"checkpoints": points, "logged": logged,
+                                                    "settings": list(settings.hessian)})
+
+
+STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity"),
+               "attention": _simple("attention"), "landscape": _simple("landscape"),
+               "corruptions": _corruptions,
+               "sharpness": _sharpness}
