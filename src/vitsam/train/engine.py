@@ -28,7 +28,7 @@ from ..optim.schedule import build_scheduler
 from ..optim.steps import StepConfig
 from ..optim.steps import train_step as optim_train_step
 from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint, resolve_checkpoint
-from .checkpoint import save_checkpoint, set_rng_state, unflatten_state
+from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
             # Checkpoint before evaluating: a failure or an interruption during evaluation
             # then costs no training (the resumed run evaluates that step again).
             if is_time(step, tl.ckpt_every, tl.total_steps):
-                save_checkpoint(run_dir, f"step-{step:08d}", tr.model, tr.spec, cfg_dict, step,
+                save_checkpoint(run_dir, step_name(step), tr.model, tr.spec, cfg_dict, step,
                                 step // tl.steps_per_epoch, tr.optimizer, tr.scheduler,
                                 tr.scaler, extra={"wall_time_s": time.perf_counter() - t0},
                                 keep=cfg.train.keep_checkpoints)
