@@ -23,6 +23,36 @@ def test_timeline_converts_every_duration_to_steps() -> None:
     assert [s for s in range(1, 26) if engine.is_time(s, 10, 25)] == [10, 20, 25]
 
 
+@pytest.mark.parametrize("epochs, per_epoch, want", [(1.1, 100, 110), (4.9, 100, 490),
+                                                     (0.7, 10, 7), (2.3, 1000, 2300)])
+def test_timeline_takes_decimal_epochs_exactly(epochs, per_epoch, want) -> None:
+    t = TrainConfig(epochs=epochs, warmup_epochs=epochs, eval_every_epochs=epochs,
+                    ckpt_every_epochs=epochs)
+    tl = engine.Timeline.from_config(t, per_epoch)
+    assert (tl.total_steps, tl.warmup_steps, tl.eval_every, tl.ckpt_every) == (want,) * 4
+
+
+def test_timeline_matches_integer_arithmetic_on_many_decimals() -> None:
+    """Every duration written with up to three decimals, against exact integer arithmetic:
+    the run is ceil(epochs * steps), intervals the nearest step count (halves to even)."""
+    def nearest(num: int, den: int) -> int:
+        q, r = divmod(num, den)
+        return q + (2 * r > den or (2 * r == den and q % 2 == 1))
+
+    for per_epoch in (1, 3, 7, 10, 100, 128, 390):
+        for milli in range(1, 5001, 7):
+            text = f"{milli // 1000}.{milli % 1000:03d}"
+            d = float(text)
+            tl = engine.Timeline.from_config(
+                TrainConfig(epochs=d, warmup_epochs=d, eval_every_epochs=d, ckpt_every_epochs=d),
+                per_epoch)
+            num = milli * per_epoch
+            ceil, near = -(-num // 1000), nearest(num, 1000)
+            assert tl.total_steps == max(1, ceil), (text, per_epoch)
+            assert tl.warmup_steps == min(near, tl.total_steps), (text, per_epoch)
+            assert tl.eval_every == tl.ckpt_every == max(1, near), (text, per_epoch)
+
+
 def _tiny(tmp_path, *extra: str):
     cfg = get_preset("mnist-vit-sam", smoke_size=True)
     return apply_overrides(cfg, [f"out_dir={tmp_path}", "train.max_steps=none", "train.epochs=2",

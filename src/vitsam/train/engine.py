@@ -9,8 +9,9 @@ import math
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,9 +32,25 @@ from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint, reso
 from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
 
 
+def epochs_to_steps(epochs: float, steps_per_epoch: int, rounding: Callable[[Fraction], int]) -> int:
+    """``rounding(epochs * steps_per_epoch)`` computed exactly.
+
+    A float such as 1.1 is taken as the decimal it was written as (its shortest repr, which
+    round-trips to the same float), not as its binary value 1.100000000000000088...: the
+    float product 1.1 * 100 = 110.00000000000001 would make ``ceil`` give 111 steps.
+    """
+    exact = Fraction(repr(epochs)) if isinstance(epochs, float) else Fraction(epochs)
+    return int(rounding(exact * steps_per_epoch))
+
+
 @dataclass(frozen=True)
 class Timeline:
-    """Every duration of a run, in optimiser steps."""
+    """Every duration of a run, in optimiser steps.
+
+    The run lasts ceil(epochs * steps_per_epoch) steps (at least the epochs asked for); warm-up,
+    evaluation and checkpoint intervals are the nearest whole number of steps (halves to even,
+    Python's ``round``), intervals at least 1. All products are exact (``epochs_to_steps``).
+    """
 
     steps_per_epoch: int
     total_steps: int
@@ -44,13 +61,15 @@ class Timeline:
 
     @classmethod
     def from_config(cls, t: TrainConfig, steps_per_epoch: int) -> "Timeline":
-        total = max(1, math.ceil(t.epochs * steps_per_epoch))
+        def steps(epochs: float, rounding: Callable[[Fraction], int] = round) -> int:
+            return epochs_to_steps(epochs, steps_per_epoch, rounding)
+
+        total = max(1, steps(t.epochs, math.ceil))
         if t.max_steps is not None:
             total = min(total, t.max_steps)
-        warm = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
-        return cls(steps_per_epoch, total, min(warm, total),
-                   max(1, round(t.eval_every_epochs * steps_per_epoch)),
-                   max(1, round(t.ckpt_every_epochs * steps_per_epoch)), max(1, t.log_every_steps))
+        warm = t.warmup_steps if t.warmup_steps is not None else steps(t.warmup_epochs)
+        return cls(steps_per_epoch, total, min(warm, total), max(1, steps(t.eval_every_epochs)),
+                   max(1, steps(t.ckpt_every_epochs)), max(1, t.log_every_steps))
 
 
 def is_time(step: int, every: int, total: int) -> bool:
