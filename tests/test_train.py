@@ -1,6 +1,7 @@
 """Training engine: timeline, end-to-end smoke runs, exact resume, run-folder contents."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -91,12 +92,104 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, monke
         engine.train(cfg, run_dir=tmp_path / "cut", progress=False)
     monkeypatch.setattr(engine, "train_step", real_step)
     assert load_run(tmp_path / "cut").step == 3  # checkpoints every half epoch (3 steps)
+    ckpts = tmp_path / "cut" / "checkpoints"
+    for copy in ("best-step3", "step-3-copy"):  # a user's copies survive keep=2 pruning
+        shutil.copytree(ckpts / "step-00000003", ckpts / copy)
     resumed = engine.train(resume=tmp_path / "cut", progress=False)
     _same_weights(full_run[0], tmp_path / "cut")
     assert resumed["test_acc"] == full["test_acc"] and resumed["steps"] == full["steps"] == 12
+    assert sorted(p.name for p in ckpts.iterdir()) == \
+        ["best-step3", "latest.json", "step-00000009", "step-00000012", "step-3-copy"]
     # The interrupted log is kept aside; the continued log has each step exactly once.
     steps = [r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and (tmp_path / "cut" / "metrics.pre-resume-0.jsonl").exists()
+
+
+def _log(run_dir) -> list[dict]:
+    """The training log records without their timing."""
+    return [{k: v for k, v in r.items() if k != "images_per_s"}
+            for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_resume_mid_log_interval_logs_what_the_uninterrupted_run_logs(tmp_path, monkeypatch,
+                                                                      full_run) -> None:
+    """Checkpoint at step 3, records every 2 steps: the record at step 4 spans steps 3 and 4,
+    one before and one after the resume."""
+    real_step, calls = engine.train_step, {"n": 0}
+
+    def crash_after_four(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(_tiny(tmp_path), run_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(engine, "train_step", real_step)
+    engine.train(resume=tmp_path / "cut", progress=False)
+    want, got = _log(full_run[0]), _log(tmp_path / "cut")
+    assert [r["step"] for r in got] == [2, 4, 6, 8, 10, 12]
+    assert got == want
+
+
+def test_logged_lr_is_the_one_each_step_used(tmp_path) -> None:
+    """Against linear warm-up then cosine to 0, written out: step s (1-based) of T with W
+    warm-up steps uses peak * s / W, then peak * (1 + cos(pi * (s - 1 - W) / (T - W))) / 2."""
+    cfg = _tiny(tmp_path, "train.log_every_steps=1", "train.warmup_steps=4")
+    engine.train(cfg, run_dir=tmp_path / "run", progress=False)
+    logs = _log(tmp_path / "run")
+    peak, total, warm = cfg.optim.lr, 12, 4
+    want = [peak * s / warm if s <= warm else
+            peak * 0.5 * (1 + math.cos(math.pi * (s - 1 - warm) / (total - warm)))
+            for s in range(1, total + 1)]
+    assert [r["step"] for r in logs] == list(range(1, total + 1))
+    assert [r["lr"] for r in logs] == pytest.approx(want, rel=1e-12, abs=0)
+    assert logs[0]["lr"] == pytest.approx(peak / 4) and logs[-1]["lr"] > 0
+
+
+class _FakeTime:
+    """Stands in for the ``time`` module in the engine: the clock moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def slow(self, fn, seconds: float):
+        def wrapped(*args, **kwargs):
+            self.now += seconds
+            return fn(*args, **kwargs)
+        return wrapped
+
+
+def test_images_per_s_leaves_out_checkpoints_and_evaluation_also_after_a_resume(
+        tmp_path, monkeypatch) -> None:
+    """Each step takes 1 s, each checkpoint 20 s, each evaluation 50 s. The first evaluation
+    (step 6, just after a checkpoint) fails; the resumed run evaluates step 6 again."""
+    clock = _FakeTime()
+    monkeypatch.setattr(engine, "time", clock)
+    monkeypatch.setattr(engine, "train_step", clock.slow(engine.train_step, 1.0))
+    monkeypatch.setattr(engine, "save_checkpoint", clock.slow(engine.save_checkpoint, 20.0))
+    real_eval, failing = engine.evaluate, {"on": True}
+
+    def evaluate(*args, **kwargs):
+        clock.now += 50.0
+        if failing["on"]:
+            raise RuntimeError("evaluation failed")
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    cfg = _tiny(tmp_path)
+    with pytest.raises(RuntimeError):
+        engine.train(cfg, run_dir=tmp_path / "cut", progress=False)
+    failing["on"] = False
+    final = engine.train(resume=tmp_path / "cut", progress=False)
+    logs = [r for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in logs] == [2, 4, 6, 8, 10, 12]
+    assert [r["images_per_s"] for r in logs] == [cfg.train.batch_size] * 6  # one batch a second
+    assert final["train_images_per_s"] == cfg.train.batch_size
     with pytest.raises(ValueError, match="already finished"):
         engine.train(resume=tmp_path / "cut", progress=False)
 
@@ -173,19 +266,33 @@ def test_new_run_saves_an_absolute_data_root(tmp_path, monkeypatch) -> None:
     assert seen["root"] == str(tmp_path / "data" / "imgs")
 
 
-def test_images_per_s_leaves_out_evaluation_and_weights_intervals(monkeypatch) -> None:
-    clock = iter([0.0, 2.0, 2.0, 3.0, 3.0])  # start, flush at 2 s, next start; again
-    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
-    meter = engine._Meter()
-    meter.add({"loss": 1.0, "correct": 3.0, "n": 8.0, "skipped": 0.0})
-    meter.add({"loss": 3.0, "correct": 1.0, "n": 8.0, "skipped": 0.0})
-    meter.pause(1.5)  # 1.5 s of evaluation and checkpointing inside the interval
+def test_meter_averages_an_interval_and_times_only_its_training(monkeypatch) -> None:
+    clock = _FakeTime()
+    meter = engine._Meter(clock=clock.perf_counter)
+    meter.start()
+    clock.now += 0.5
+    meter.add({"loss": 1.0, "correct": 3.0, "n": 8.0, "skipped": 0.0, "lr": 0.1})
+    meter.add({"loss": 3.0, "correct": 1.0, "n": 8.0, "skipped": 0.0, "lr": 0.2})
+    meter.stop()
+    clock.now += 1.5  # evaluation and checkpointing: not timed
     rec = meter.flush()
     assert rec["loss"] == 2.0 and rec["acc"] == 4 / 16 and rec["images_per_s"] == 16 / 0.5
+    assert rec["lr"] == 0.2  # the last step's, not the mean
+    meter.start()
     meter.add({"loss": 1.0, "sharpness": 0.5, "n": 8.0, "skipped": 0.0})
-    meter.add({"loss": 2.0, "sharpness": float("nan"), "n": 8.0, "skipped": 1.0})  # fp16 skip
-    rec = meter.flush()
+    clock.now += 1.0
+    meter.stop()
+    twin = engine._Meter(clock=clock.perf_counter)  # the interval continued after a resume
+    twin.load(json.loads(json.dumps(meter.state())))
+    for m in (meter, twin):
+        m.start()
+        clock.now += 1.0
+        m.add({"loss": 2.0, "sharpness": float("nan"), "n": 8.0, "skipped": 1.0})  # fp16 skip
+        m.stop()
+    rec, rec_twin = meter.flush(), twin.flush()
+    assert rec == rec_twin
     assert rec["sharpness"] == 0.5 and rec["loss"] == 1.5 and rec["skipped_steps"] == 1.0
+    assert rec["images_per_s"] == 16 / 2.0
     # 10 steps at 100 img/s then 2 steps at 400 img/s (same batch): 12 steps in 0.1 + 0.005 time
     # units, not the plain mean 250.
     records = [{"step": 10, "images_per_s": 100.0}, {"step": 10, "test_acc": 0.5},

@@ -2,6 +2,9 @@
 
 All durations (epochs, warm-up, evaluation and checkpoint intervals) are converted to optimiser
 steps once, in ``Timeline``; logging, evaluation and checkpoints are gated by ``is_time``.
+Each log record holds the means over the steps since the previous record, the learning rate
+the last of them used, and images/s over training time only (steps and input pipeline; not
+logging, checkpoint writing or evaluation).
 """
 from __future__ import annotations
 
@@ -94,35 +97,63 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor,
                optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                step_cfg: StepConfig) -> dict[str, float]:
-    """One optimiser step (two passes with SAM) followed by one scheduler step."""
+    """One optimiser step (two passes with SAM) followed by one scheduler step.
+
+    The result's ``lr`` is the learning rate this step used (first param group), read before
+    the scheduler moves on to the next step's.
+    """
+    lr = scheduler.get_last_lr()[0]
     out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg)
     scheduler.step()
-    return out
+    return {**out, "lr": lr}
 
 
 class _Meter:
-    """Sums step signals between two log records.
+    """Sums step signals between two log records, and the training time they took.
+
+    ``images_per_s`` = images of the interval's steps / seconds between ``start`` and ``stop``:
+    the optimiser steps and the input pipeline feeding them. Logging, checkpoint writing and
+    evaluation (also the evaluation a resumed run repeats) fall outside, so the rate measures
+    training alone. ``lr`` is the learning rate of the interval's last step, not an average.
 
     SAM's diagnostics are NaN on a step the GradScaler skipped (fp16 overflow); they are
     averaged over the steps where they are finite, so one skipped step does not blank the
     interval. The loss is averaged over every step (a NaN loss must show).
+
+    ``state``/``load`` carry an unfinished interval through a checkpoint (JSON; floats round-trip
+    exactly), so a resumed run logs the same records as an uninterrupted one.
     """
 
     DIAGNOSTICS = ("grad_norm", "perturbed_loss", "sharpness", "eps_norm", "grad_cosine")
+    LAST = ("lr",)
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock if clock is not None else time.perf_counter
+        self._since: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.count = 0
-        self.t0 = time.perf_counter()
+        self.seconds = 0.0
 
-    def pause(self, seconds: float) -> None:
-        """Leave ``seconds`` (evaluation, checkpointing) out of the images/s of this interval."""
-        self.t0 += seconds
+    def start(self) -> None:
+        """Training time runs from here ..."""
+        self._since = self.clock()
+
+    def stop(self) -> None:
+        """... to here."""
+        if self._since is not None:
+            self.seconds += self.clock() - self._since
+            self._since = None
 
     def add(self, out: dict[str, float]) -> None:
         for k, v in out.items():
             v = float(v)
+            if k in self.LAST:
+                self.sums[k], self.counts[k] = v, 1
+                continue
             if k in self.DIAGNOSTICS and not math.isfinite(v):
                 self.counts.setdefault(k, 0)
                 self.sums.setdefault(k, 0.0)
@@ -137,9 +168,20 @@ class _Meter:
                for k, v in s.items() if k not in ("correct", "n", "skipped")}
         rec["acc"] = s.get("correct", 0.0) / max(s.get("n", 0.0), 1.0)
         rec["skipped_steps"] = s.get("skipped", 0.0)
-        rec["images_per_s"] = s.get("n", 0.0) / max(time.perf_counter() - self.t0, 1e-9)
-        self.__init__()
+        rec["images_per_s"] = s.get("n", 0.0) / max(self.seconds, 1e-9)
+        self._reset()
         return rec
+
+    def state(self) -> dict[str, Any]:
+        """The unfinished interval, JSON-ready (non-finite sums are written as null)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "count": self.count,
+                "seconds": self.seconds}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue the interval that ``state`` saved."""
+        self.sums = {k: float("nan") if v is None else float(v) for k, v in state["sums"].items()}
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.count, self.seconds = int(state["count"]), float(state["seconds"])
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -219,12 +261,12 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    step, wall_before = 0, 0.0
+    step, wall_before, meter = 0, 0.0, _Meter()
     if resume is not None:
-        step, wall_before = _restore(run_dir, tr, metrics_path)
+        step, wall_before = _restore(run_dir, tr, metrics_path, meter)
     else:
         atomic_write_json(run_dir / "config.json", cfg_dict)
-    t0, meter = time.perf_counter() - wall_before, _Meter()
+    t0 = time.perf_counter() - wall_before
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
             not any(r.get("step") == step and "test_acc" in r for r in read_jsonl(metrics_path)):
         _evaluate_into(metrics_path, tr, step)  # interrupted between checkpoint and evaluation
@@ -244,6 +286,7 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
           bar: Any, cfg_dict: dict[str, Any]) -> int:
     """Optimiser steps from ``step`` to the end, with logging, checkpoints and evaluation."""
     cfg, tl = tr.cfg, tr.timeline
+    meter.start()
     while step < tl.total_steps:
         epoch, skip = divmod(step, tl.steps_per_epoch)
         # Resuming mid-epoch skips the batches already seen (the epoch's order is seeded).
@@ -253,23 +296,23 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
                                  tr.scaler, tr.step_cfg))
             step += 1
             bar.update(1)
+            meter.stop()  # what follows is not training time
             if is_time(step, tl.log_every, tl.total_steps):
-                rec = {**meter.flush(), "step": step, "epoch": step / tl.steps_per_epoch,
-                       "lr": tr.scheduler.get_last_lr()[0]}
+                rec = {**meter.flush(), "step": step, "epoch": step / tl.steps_per_epoch}
                 append_jsonl(metrics_path, rec)
                 bar.set_postfix(epoch=f"{rec['epoch']:.2f}", loss=f"{rec['loss']:.3f}",
                                 acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
-            t_aside = time.perf_counter()
             # Checkpoint before evaluating: a failure or an interruption during evaluation
             # then costs no training (the resumed run evaluates that step again).
             if is_time(step, tl.ckpt_every, tl.total_steps):
                 save_checkpoint(run_dir, step_name(step), tr.model, tr.spec, cfg_dict, step,
                                 step // tl.steps_per_epoch, tr.optimizer, tr.scheduler,
-                                tr.scaler, extra={"wall_time_s": time.perf_counter() - t0},
-                                keep=cfg.train.keep_checkpoints)
+                                tr.scaler, keep=cfg.train.keep_checkpoints,
+                                extra={"wall_time_s": time.perf_counter() - t0,
+                                       "meter": meter.state()})
             if is_time(step, tl.eval_every, tl.total_steps):
                 _evaluate_into(metrics_path, tr, step)
-            meter.pause(time.perf_counter() - t_aside)
+            meter.start()
             if step >= tl.total_steps:
                 break
     return step
@@ -313,8 +356,9 @@ def _check_fresh(run_dir: Path) -> None:
         raise CheckpointError(f"run folder {run_dir} is not empty; {hint} a new --run-dir")
 
 
-def _restore(run_dir: Path, tr: Trainer, metrics_path: Path) -> tuple[int, float]:
-    """Load the latest checkpoint of ``run_dir`` into the training objects; returns (step, wall).
+def _restore(run_dir: Path, tr: Trainer, metrics_path: Path, meter: _Meter) -> tuple[int, float]:
+    """Load the latest checkpoint of ``run_dir`` into the training objects and ``meter`` (the
+    log interval it was in); returns (step, wall).
 
     A run interrupted before its first checkpoint starts again from step 0 (every draw is
     seeded, so that is the same run).
@@ -330,6 +374,8 @@ def _restore(run_dir: Path, tr: Trainer, metrics_path: Path) -> tuple[int, float
         set_rng_state(state["rng"])
         step = int(state["step"])
         wall = float(state.get("extra", {}).get("wall_time_s", 0.0))
+        if "meter" in state.get("extra", {}):
+            meter.load(state["extra"]["meter"])
     if metrics_path.exists():  # keep the interrupted log, but continue a clean one
         records = list(read_jsonl(metrics_path))
         k = 0
