@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
+from ..config import ConfigError, RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
 from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
 from ..data.errors import DataError
 from ..data.sample import random_subset
@@ -334,16 +334,21 @@ def _saved_config(run_dir: Path) -> RunConfig:
     if (run_dir / "final.json").exists():
         raise CheckpointError(f"{run_dir} already finished (final.json exists); "
                               "start a new run instead of resuming")
+    source = run_dir / "config.json"
     try:
-        saved = read_json(run_dir / "config.json", "run config")
+        saved = read_json(source, "run config")
     except (FileNotFoundError, ValueError) as exc:
         if not list_checkpoints(run_dir):
             raise CheckpointError(f"{str(exc).splitlines()[0]}; {run_dir} is not a vitsam run "
                                   "folder that can be resumed") from None
         # The checkpoint's state.json holds the same config.
-        state, _, _ = read_checkpoint(resolve_checkpoint(run_dir, "last"))
+        source = resolve_checkpoint(run_dir, "last") / "state.json"
+        state, _, _ = read_checkpoint(source.parent)
         saved = state["config"]
-    return from_dict(RunConfig, saved)
+    try:
+        return from_dict(RunConfig, saved)
+    except ConfigError as exc:  # e.g. a hand-edited "epochs": "3"
+        raise ConfigError(f"{exc} (in {source}; correct it there)") from None
 
 
 def _check_fresh(run_dir: Path) -> None:
