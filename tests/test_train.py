@@ -323,3 +323,72 @@ def test_micro_batches_give_the_full_batch_step(tmp_path) -> None:
         runs.append(load_run(engine.train(cfg, progress=False)["run_dir"]).model.state_dict())
     for name, a in runs[0].items():
         torch.testing.assert_close(runs[1][name], a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _whole_and_resumed(tmp_path, monkeypatch, *extra: str) -> tuple:
+    """The same 5-step run uninterrupted and interrupted at step 5 (last checkpoint at step 3)
+    then resumed; returns their run folders."""
+    cfg = _tiny(tmp_path, "train.max_steps=5", "train.train_eval_samples=32", *extra)
+    engine.train(cfg, run_dir=tmp_path / "whole", progress=False)
+    real_step, calls = engine.train_step, {"n": 0}
+
+    def crash_at_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", crash_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(cfg, run_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(engine, "train_step", real_step)
+    assert load_run(tmp_path / "cut").step == 3
+    engine.train(resume=tmp_path / "cut", progress=False)
+    return tmp_path / "whole", tmp_path / "cut"
+
+
+@pytest.mark.parametrize("extra", [("data.augment=strong",), ("optim.m=8",),
+                                   ("train.micro_batch=8",)],
+                         ids=["augmentation", "m-sharpness", "micro-batches"])
+def test_resume_is_exact_with_augmentation_m_sharpness_and_micro_batches(
+        tmp_path, monkeypatch, extra) -> None:
+    whole, cut = _whole_and_resumed(tmp_path, monkeypatch, *extra)
+    key, value = extra[0].split("=")
+    section, name = key.split(".")
+    assert str(load_run(cut).config[section][name]) == value  # the setting was in force
+    _same_weights(whole, cut)
+    assert _log(whole) == _log(cut)
+
+
+def test_fp16_runs_with_a_grad_scaler_that_checkpoints_and_resumes(tmp_path, monkeypatch) -> None:
+    """fp16 autocast on the CPU. The scaler grows its scale after every step here (it starts at
+    2^20), so steps overflow, are skipped and back off now and then: a resume that lost the
+    scaler's state would skip other steps and reach other weights."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 20,
+                                          growth_interval=1))
+    seen: dict[str, list] = {"whole": [], "cut": []}
+    real_step = engine.train_step
+
+    def record(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        scaler = args[6]
+        seen["cut" if (tmp_path / "cut").exists() else "whole"].append(
+            (scaler.get_scale(), out["skipped"]))
+        return out
+
+    monkeypatch.setattr(engine, "train_step", record)
+    cfg = _tiny(tmp_path, "train.precision=fp16", "train.device=cpu")
+    tr = engine.Trainer.build(apply_overrides(cfg, ["train.max_steps=1"]))
+    assert tr.step_cfg.autocast_dtype == torch.float16 and tr.scaler.is_enabled()
+    whole, cut = _whole_and_resumed(tmp_path, monkeypatch, "train.precision=fp16",
+                                    "train.device=cpu")
+    state = json.loads((cut / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert state["scaler"]["scale"] == seen["whole"][-1][0]
+    skipped = [s for _, s in seen["whole"]]
+    assert 0 < sum(skipped) < len(skipped)  # both kinds of step happened
+    # The resumed process's steps 4 and 5 are the uninterrupted run's steps 4 and 5.
+    assert seen["cut"][-2:] == seen["whole"][3:5]
+    _same_weights(whole, cut)
