@@ -142,8 +142,12 @@ def test_saving_removes_folders_left_half_written_by_an_earlier_process(tmp_path
     stale = tmp_path / "checkpoints" / ".tmp-step-00000002-999999999"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"partial")
+    mine = [tmp_path / "checkpoints" / n for n in (".tmp-notes", ".old-copy", ".tmp-x-12a")]
+    for folder in mine:  # not names save_checkpoint writes: left alone
+        folder.mkdir()
     ck.save_checkpoint(tmp_path, "step-00000001", model, spec, {}, 1, 0)
     assert not stale.exists() and ck.list_checkpoints(tmp_path) == ["step-00000001"]
+    assert all(folder.is_dir() for folder in mine)
 
 
 def test_keep_deletes_only_the_runs_own_step_checkpoints(tmp_path) -> None:

@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -383,8 +384,12 @@ def test_fp16_runs_with_a_grad_scaler_that_checkpoints_and_resumes(tmp_path, mon
     cfg = _tiny(tmp_path, "train.precision=fp16", "train.device=cpu")
     tr = engine.Trainer.build(apply_overrides(cfg, ["train.max_steps=1"]))
     assert tr.step_cfg.autocast_dtype == torch.float16 and tr.scaler.is_enabled()
-    whole, cut = _whole_and_resumed(tmp_path, monkeypatch, "train.precision=fp16",
-                                    "train.device=cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole, cut = _whole_and_resumed(tmp_path, monkeypatch, "train.precision=fp16",
+                                        "train.device=cpu")
+    assert seen["whole"][0][1] == 1.0  # the first step overflowed: no optimiser step ...
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]  # ... no warning
     state = json.loads((cut / "checkpoints" / "step-00000005" / "state.json").read_text())
     assert state["scaler"]["scale"] == seen["whole"][-1][0]
     skipped = [s for _, s in seen["whole"]]

@@ -40,6 +40,7 @@ from ..io import atomic_write_json, read_json, sha256_file
 
 FORMAT = "vitsam-checkpoint/1"
 _STEP_NAME = re.compile(r"step-(\d{8,})")
+_SCRATCH_NAME = re.compile(r"\.(tmp|old)-(.+)-(\d+)")  # save_checkpoint's own scratch folders
 
 
 def step_name(step: int) -> str:
@@ -151,8 +152,9 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, model_spec
         _prune_old(ckpt_root, keep, protect=name)
     # Half-written folders left by an interrupted earlier process hold a full copy of the
     # weights each; nothing refers to them.
-    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".old-*")]:
-        if stale.is_dir() and not stale.name.endswith(f"-{os.getpid()}"):
+    for stale in ckpt_root.iterdir():
+        match = _SCRATCH_NAME.fullmatch(stale.name)
+        if match and stale.is_dir() and int(match.group(3)) != os.getpid():
             shutil.rmtree(stale, ignore_errors=True)
     return final
 

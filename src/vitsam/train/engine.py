@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime
 from fractions import Fraction
@@ -100,11 +101,16 @@ def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch
     """One optimiser step (two passes with SAM) followed by one scheduler step.
 
     The result's ``lr`` is the learning rate this step used (first param group), read before
-    the scheduler moves on to the next step's.
+    the scheduler moves on to the next step's. A step the GradScaler skipped still counts as a
+    step of the schedule, so torch's warning about a scheduler step without an optimiser step
+    (a skipped first step) is silenced.
     """
     lr = scheduler.get_last_lr()[0]
     out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg)
-    scheduler.step()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                r"before `optimizer\.step\(\)`")
+        scheduler.step()
     return {**out, "lr": lr}
 
 
