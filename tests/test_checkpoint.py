@@ -142,5 +142,36 @@ def test_saving_removes_folders_left_half_written_by_an_earlier_process(tmp_path
     stale = tmp_path / "checkpoints" / ".tmp-step-00000002-999999999"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"partial")
+    mine = [tmp_path / "checkpoints" / n for n in (".tmp-notes", ".old-copy", ".tmp-x-12a")]
+    for folder in mine:  # not names save_checkpoint writes: left alone
+        folder.mkdir()
     ck.save_checkpoint(tmp_path, "step-00000001", model, spec, {}, 1, 0)
     assert not stale.exists() and ck.list_checkpoints(tmp_path) == ["step-00000001"]
+    assert all(folder.is_dir() for folder in mine)
+
+
+def test_keep_deletes_only_the_runs_own_step_checkpoints(tmp_path) -> None:
+    import shutil
+
+    model, spec = _model()
+    root = tmp_path / "checkpoints"
+    for s in range(1, 4):
+        ck.save_checkpoint(tmp_path, ck.step_name(s), model, spec, {}, s, 0)
+    # A user's copies and folders: none is a step-NNNNNNNN checkpoint this run wrote.
+    for copy in ("best-step3", "step-3-copy", "step-00000003.bak", "a-step-00000001"):
+        shutil.copytree(root / "step-00000003", root / copy)
+    shutil.copytree(root / "step-00000003", root / "step-00000007")  # state.json says step 3
+    (root / "step-00000008").mkdir()  # the right name, but not a checkpoint
+    (root / "step-00000008" / "notes.txt").write_text("mine")
+    user = sorted(p.name for p in root.iterdir() if p.name not in
+                  ("step-00000001", "step-00000002", "step-00000003", "latest.json"))
+    for s in range(4, 6):
+        ck.save_checkpoint(tmp_path, ck.step_name(s), model, spec, {}, s, 0, keep=2)
+    left = sorted(p.name for p in root.iterdir() if p.name != "latest.json")
+    assert left == sorted(user + ["step-00000004", "step-00000005"])
+    assert (root / "step-00000008" / "notes.txt").read_text() == "mine"
+    assert ck.load_run(tmp_path).step == 5
+    # Without the pointer, "last" is the run's newest step checkpoint, not a copy that sorts later.
+    (root / "latest.json").unlink()
+    assert ck.resolve_checkpoint(tmp_path).name == "step-00000005"
+    assert ck.load_run(tmp_path, "best-step3").step == 3

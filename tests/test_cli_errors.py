@@ -232,3 +232,40 @@ def test_a_failing_analysis_keeps_the_results_before_it(world, capsys, monkeypat
     assert "attention analysis" in capsys.readouterr().err
     saved = json.loads((run / "analysis.json").read_text())
     assert list(saved) == ["sparsity"] and saved["sparsity"]["result"]["layers"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([*SMOKE, "model.kwargs=[1,2]"], ["model.kwargs=[1, 2] must be a mapping", "not a list"]),
+    ([*SMOKE, "model.kwargs=3"], ["model.kwargs=3 must be a mapping", "not an int"]),
+    ([*SMOKE, "model.kwargs.depth=2", "model.kwargs.depth.x=1"],
+     ["model.kwargs.depth is a value (2), not a mapping"]),
+], ids=["kwargs-list", "kwargs-int", "kwargs-value-as-section"])
+def test_mapping_overrides_of_the_wrong_type_exit_2(world, argv, words, capsys,
+                                                    monkeypatch) -> None:
+    monkeypatch.chdir(world["tmp"])
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitsam: error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("3", ['train.epochs="3" must be a number, not a string', "config.json", "correct it"]),
+    (None, ["train.epochs=null must be a number, not null", "config.json"]),
+], ids=["epochs-text", "epochs-null"])
+def test_resume_with_a_hand_edited_config_of_the_wrong_type_exits_2(world, value, words,
+                                                                    capsys, tmp_path) -> None:
+    run = tmp_path / "edited"
+    shutil.copytree(world["run"], run)
+    (run / "final.json").unlink()
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["epochs"] = value
+    (run / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitsam: error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)

@@ -85,3 +85,60 @@ def test_union_fields_try_text_last_and_errors_name_the_typed_key() -> None:
         apply_overrides(Settings(), ["limit=0"], prefix="attn.")
     with pytest.raises(ConfigError, match="unknown config key 'attn.head'.*did you mean attn.heads"):
         apply_overrides(Settings(), ["head=1"], prefix="attn.")
+
+
+def _saved(section: str, key: str, value) -> dict:
+    data = json.loads(json.dumps(to_dict(RunConfig())))
+    data[section][key] = value
+    return data
+
+
+@pytest.mark.parametrize("section, key, value, words", [
+    ("train", "epochs", "3", ['train.epochs="3"', "must be a number", "not a string"]),
+    ("train", "epochs", None, ["train.epochs=null", "must be a number", "not null"]),
+    ("train", "batch_size", True, ["train.batch_size=true", "must be an int", "not a boolean"]),
+    ("train", "batch_size", 3.0, ["train.batch_size=3.0", "must be an int", "not a float"]),
+    ("train", "max_steps", "5", ["train.max_steps=\"5\"", "an int or null"]),
+    ("optim", "sam", 1, ["optim.sam=1", "true or false", "not an int"]),
+    ("model", "kwargs", [1, 2], ["model.kwargs=[1, 2]", "must be a mapping", "not a list"]),
+    ("model", "kwargs", 3, ["model.kwargs=3", "must be a mapping", "not an int"]),
+    ("data", "img_size", "28", ['data.img_size="28"', "an int or null"]),
+    ("data", "root", 7, ["data.root=7", "a string or null"]),
+])
+def test_loaded_configs_are_type_checked(section, key, value, words) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, _saved(section, key, value))
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_loaded_configs_accept_what_the_types_allow() -> None:
+    cfg = from_dict(RunConfig, _saved("train", "epochs", 3))  # an int where a float is declared
+    assert cfg.train.epochs == 3
+    assert from_dict(RunConfig, _saved("train", "clip_norm", None)).train.clip_norm is None
+    with pytest.raises(ConfigError, match="train is a section and must be a mapping"):
+        from_dict(RunConfig, {"train": 3})
+
+
+def test_overrides_are_type_checked_and_tuples_checked_per_item() -> None:
+    from dataclasses import dataclass
+
+    for text in ("model.kwargs=[1,2]", "model.kwargs=3", "model.kwargs=\"depth\""):
+        with pytest.raises(ConfigError, match=r"^model\.kwargs=.* must be a mapping"):
+            apply_overrides(RunConfig(), [text])
+    assert apply_overrides(RunConfig(), ['model.kwargs={"depth": 2}']).model.kwargs == {"depth": 2}
+    with pytest.raises(ConfigError, match=r"model\.kwargs\.depth is a value \(2\), not a mapping"):
+        apply_overrides(RunConfig(), ["model.kwargs.depth=2", "model.kwargs.depth.x=3"])
+
+    @dataclass(frozen=True)
+    class Span:
+        span: tuple[float, float] = (-1.0, 1.0)
+        mean: tuple[float, ...] | None = None
+
+    assert apply_overrides(Span(), ["span=[0, 2.5]", "mean=(0.5,)"]) == Span((0, 2.5), (0.5,))
+    with pytest.raises(ConfigError, match=r"span=\(1, 'a'\) must be a list of 2 values"):
+        apply_overrides(Span(), ["span=(1, 'a')"])
+    with pytest.raises(ConfigError, match=r"span=\(1, 2, 3\) must be a list of 2 values"):
+        apply_overrides(Span(), ["span=(1, 2, 3)"])
+    with pytest.raises(ConfigError, match=r"mean=\(True,\) must be a list of numbers or null"):
+        apply_overrides(Span(), ["mean=(True,)"])

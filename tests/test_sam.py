@@ -96,9 +96,42 @@ def test_closure_step_equals_explicit_passes():
         sa.first_step(zero_grad=True)
         _backward(a, x, y)
         sa.second_step(zero_grad=True)
-        sb.zero_grad()
-        sb.step(lambda: _backward(b, x, y))  # no clean gradient yet: the closure runs first
+        sb.step(lambda: _backward(b, x, y))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_closure_step_runs_both_passes_every_step_whatever_gradients_are_left():
+    """Several closure steps on changing batches, without zero_grad and with stray gradients
+    before the first, against SAM + SGD-momentum written out with torch.autograd.grad."""
+    rho, lr, mu, steps = 0.2, 0.3, 0.9, 4
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g))
+               for _ in range(steps)]
+    ref_model = _mlp()
+    names = [n for n, _ in ref_model.named_parameters()]
+    w, buf = _weights(ref_model), None
+    for x, y in batches:
+        wg = [t.clone().requires_grad_(True) for t in w]
+        grad = torch.autograd.grad(_loss_at(ref_model, names, wg, x, y), wg)
+        norm = torch.sqrt(sum((t ** 2).sum() for t in grad))
+        wp = [(wi + rho * gi / norm).requires_grad_(True) for wi, gi in zip(w, grad)]
+        g2 = torch.autograd.grad(_loss_at(ref_model, names, wp, x, y), wp)
+        buf = list(g2) if buf is None else [mu * bi + gi for bi, gi in zip(buf, g2)]
+        w = [wi - lr * bi for wi, bi in zip(w, buf)]
+
+    model = _mlp()
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr, momentum=mu)
+    _backward(model, torch.randn(6, 5), torch.randint(0, 3, (6,)))  # stray gradients, other batch
+    calls = []
+    for k, (x, y) in enumerate(batches):
+        def closure(x=x, y=y):
+            calls.append(k)
+            return _backward(model, x, y)
+
+        sam.step(closure)
+        assert calls.count(k) == 2, f"step {k + 1} ran the closure {calls.count(k)} times"
+    for got, ref in zip(model.parameters(), w):
+        torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_adaptive_perturbation_matches_hand_computation():

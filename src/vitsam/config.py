@@ -1,7 +1,14 @@
-"""Run configuration: frozen dataclasses, dotted overrides that reject unknown keys, JSON I/O."""
+"""Run configuration: frozen dataclasses, dotted overrides that reject unknown keys, JSON I/O.
+
+Every value set by an override or read from JSON is checked against its field's declared type
+(``check_type``) before the config is built: ``int`` takes integers but not booleans, ``float``
+takes integers and floats, ``X | None`` also takes null, tuples take lists, ``Mapping`` fields
+take only mappings. A mismatch is a one-line ConfigError naming the key, the value and the type.
+"""
 from __future__ import annotations
 
 import ast
+import collections.abc
 import dataclasses
 import difflib
 import json
@@ -83,7 +90,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
-    """Rebuild a config dataclass from ``to_dict`` output; unknown keys are an error."""
+    """Rebuild a config dataclass from ``to_dict`` output; unknown keys and values of the wrong
+    type are a ConfigError naming the dotted key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path.rstrip('.') or 'the config'} must be a mapping of keys, "
+                          f"got {_show(data)} ({_kind(data)})")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -91,18 +102,116 @@ def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
         if key not in names:
             raise ConfigError(_unknown(path + key, names, path))
         typ = hints[key]
-        if is_dataclass(typ) and isinstance(val, Mapping):
+        if is_dataclass(typ):
+            if not isinstance(val, Mapping):
+                raise ConfigError(f"{path}{key} is a section and must be a mapping of its keys, "
+                                  f"got {_show(val)} ({_kind(val)})")
             kwargs[key] = from_dict(typ, val, f"{path}{key}.")
-        elif isinstance(val, list) and _origin_is_tuple(typ):
-            kwargs[key] = tuple(val)
         else:
-            kwargs[key] = val
+            kwargs[key] = check_type(val, typ, path + key)
     return cls(**kwargs)
 
 
-def _origin_is_tuple(typ: Any) -> bool:
-    return typing.get_origin(typ) is tuple or any(
-        typing.get_origin(a) is tuple for a in typing.get_args(typ))
+# -- type checks ------------------------------------------------------------------------------
+
+def check_type(value: Any, typ: Any, key: str) -> Any:
+    """``value`` as a value of the declared type ``typ`` (lists become tuples for tuple fields),
+    or a one-line ConfigError naming ``key``, the value and the type expected."""
+    ok, out = _conforms(value, typ)
+    if not ok:
+        raise ConfigError(f"{key}={_show(value)} must be {_describe(typ)}, not {_kind(value)}")
+    return out
+
+
+_UNION = (typing.Union, types.UnionType)
+_MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+_SEQUENCES = (list, collections.abc.Sequence, collections.abc.Iterable)
+
+
+def _conforms(value: Any, typ: Any) -> tuple[bool, Any]:
+    """(does ``value`` fit ``typ``, the value to store). Types it does not know are accepted."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is Any:
+        return True, value
+    if typ is type(None) or typ is None:
+        return value is None, value
+    if origin in _UNION:
+        for arm in args:
+            ok, out = _conforms(value, arm)
+            if ok:
+                return True, out
+        return False, value
+    if origin is typing.Literal:
+        return value in args, value
+    if typ is bool:
+        return isinstance(value, bool), value
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if typ is str:
+        return isinstance(value, str), value
+    if typ is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            arms = [args[0] if args else Any] * len(value)
+        elif len(args) == len(value):
+            arms = list(args)
+        else:
+            return False, value
+        items = [_conforms(v, a) for v, a in zip(value, arms)]
+        return all(ok for ok, _ in items), tuple(out for _, out in items)
+    if typ in _MAPPINGS or origin in _MAPPINGS:
+        if not isinstance(value, Mapping):
+            return False, value
+        kt, vt = args if len(args) == 2 else (Any, Any)
+        items = [(_conforms(k, kt), _conforms(v, vt)) for k, v in value.items()]
+        return all(a[0] and b[0] for a, b in items), {a[1]: b[1] for a, b in items}
+    if typ in _SEQUENCES or origin in _SEQUENCES:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_conforms(v, args[0] if args else Any) for v in value]
+        return all(ok for ok, _ in items), type(value)(out for _, out in items)
+    return True, value
+
+
+def _describe(typ: Any) -> str:
+    """The declared type in words: ``a number``, ``an int or null``, ``a list of numbers``."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in _UNION:
+        return " or ".join(_describe(a) for a in args)
+    if typ is type(None) or typ is None:
+        return "null"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if typ is tuple or origin is tuple:
+        if args and not (len(args) == 2 and args[1] is Ellipsis):
+            return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if typ in _MAPPINGS or origin in _MAPPINGS:
+        return 'a mapping such as {"depth": 2}'
+    if typ in _SEQUENCES or origin in _SEQUENCES:
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    return {bool: "true or false", int: "an int", float: "a number",
+            str: "a string"}.get(typ, getattr(typ, "__name__", str(typ)))
+
+
+def _plural(typ: Any) -> str:
+    return {bool: "booleans", int: "ints", float: "numbers", str: "strings"}.get(typ, "values")
+
+
+def _kind(value: Any) -> str:
+    """The JSON kind of a value, for error messages."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an int", float: "a float", str: "a string", list: "a list",
+            tuple: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, bool, type(None))) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _unknown(key: str, names: set[str], prefix: str) -> str:
@@ -186,7 +295,12 @@ def _set(obj: Any, parts: list[str], text: str, full: str) -> Any:
         if len(parts) == 1:
             new[parts[0]] = _literal(text)
         else:
-            new[parts[0]] = _set(new.get(parts[0], {}), parts[1:], text, full)
+            inner = new.get(parts[0], {})
+            if not isinstance(inner, Mapping):
+                here = full[: len(full) - len(".".join(parts[1:])) - 1]
+                raise ConfigError(f"{here} is a value ({_show(inner)}), not a mapping; "
+                                  f"use {here}=...")
+            new[parts[0]] = _set(inner, parts[1:], text, full)
         return new
     names = {f.name for f in fields(obj)}
     head = parts[0]
@@ -200,6 +314,7 @@ def _set(obj: Any, parts: list[str], text: str, full: str) -> Any:
             raise ConfigError(f"{full} is a section; set one of its keys, e.g. {full}."
                               f"{fields(cur)[0].name}=...")
         val = _literal(text) if isinstance(cur, Mapping) else _parse(text, hints[head], full)
+        val = check_type(val, hints[head], full)
         try:
             return replace(obj, **{head: val})
         except ConfigError:

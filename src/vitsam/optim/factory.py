@@ -1,10 +1,15 @@
 """Build the base optimiser (AdamW or SGD-Nesterov), optionally wrapped in SAM.
 
 Weight decay is not applied to biases, normalisation weights, position embeddings and class
-tokens (every 1-D parameter, plus tokens/embeddings by name), as in the paper's recipes.
+tokens (every 1-D parameter, plus tokens/embeddings by name), as in the paper's recipes, nor
+to what the model's own ``no_weight_decay()`` names (timm models: relative-position tables,
+position embeddings, ...). Those names are matched as timm's ``param_groups_weight_decay``
+matches them: ``fnmatch`` patterns on the full parameter name; a name of a module also covers
+the parameters inside it.
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +39,14 @@ class OptimConfig:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed matrices/filters, and undecayed 1-D params, tokens and embeddings."""
+    """Two groups: decayed matrices/filters, and undecayed 1-D params, tokens, embeddings and
+    whatever ``model.no_weight_decay()`` names (see the module docstring)."""
+    skip = no_weight_decay_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
+        if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or _listed(name, skip):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -47,6 +54,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """The names (or patterns) the model's ``no_weight_decay()`` returns; empty without one."""
+    fn = getattr(model, "no_weight_decay", None)
+    return {str(n) for n in fn()} if callable(fn) else set()
+
+
+def _listed(name: str, patterns: set[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) or name.startswith(pat + ".") for pat in patterns)
 
 
 def validate(cfg: OptimConfig) -> None:

@@ -274,17 +274,22 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        """Full SAM step; ``closure`` must zero nothing, run forward + ``backward`` and return the loss.
+        """Full SAM step from the current weights; returns the loss at the perturbed weights.
 
-        If no parameter has a gradient yet, the closure runs first for the clean gradient.
-        Returns the loss at the perturbed weights.
+        Contract: ``closure`` runs forward + ``backward`` on one batch and returns the loss; it
+        zeroes nothing. Every call runs it exactly twice, in this order: gradients are zeroed,
+        the closure gives the clean gradient at w, ``first_step`` moves to w + eps, the closure
+        gives the gradient at w + eps, ``second_step`` restores w and steps the base optimiser.
+        Gradients left over from anything before the call (an earlier step's second pass, the
+        caller's own backward) are discarded, never used as the clean gradient. The perturbed
+        gradients stay in ``p.grad`` afterwards, as after any optimiser step.
         """
         if closure is None:
             raise ValueError("SAM.step needs a closure that runs forward and backward and returns the "
                              "loss; or call first_step() and second_step() around your own passes")
         closure = torch.enable_grad()(closure)
-        if all(p.grad is None for g in self.param_groups for p in g["params"]):
-            closure()
+        self.zero_grad(set_to_none=True)
+        closure()
         self.first_step(zero_grad=True)
         loss = closure()
         self.second_step()

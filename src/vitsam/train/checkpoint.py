@@ -5,8 +5,8 @@ A run folder::
     config.json            full RunConfig
     metrics.jsonl          one JSON record per logged step / evaluation
     checkpoints/
-        latest.json        {"name": "epoch-0003", "step": ...}, rewritten atomically
-        epoch-0003/        model.safetensors  weights
+        latest.json        {"name": "step-00000300", "step": ...}, rewritten atomically
+        step-00000300/     model.safetensors  weights
                            optim.safetensors  optimiser tensors (moments, momentum buffers)
                            state.json         step, epoch, model spec, config, optimiser and
                                               scheduler structure, RNG states, checksums
@@ -15,11 +15,17 @@ A run folder::
 A checkpoint folder is written under a temporary name and renamed into place, and
 ``latest.json`` is replaced only after that, so an interruption never leaves a damaged
 "latest" checkpoint and never removes one that was complete.
+
+Keeping only the newest N checkpoints (``keep``) deletes nothing but the run's own periodic
+checkpoints: folders named exactly ``step-NNNNNNNN`` whose ``state.json`` is a vitsam checkpoint
+of that name and step. Anything else under ``checkpoints/`` (a user's ``best-step3``, a copy
+``step-3-copy``, ``final``) is never counted and never deleted.
 """
 from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +39,13 @@ from torch import nn
 from ..io import atomic_write_json, read_json, sha256_file
 
 FORMAT = "vitsam-checkpoint/1"
+_STEP_NAME = re.compile(r"step-(\d{8,})")
+_SCRATCH_NAME = re.compile(r"\.(tmp|old)-(.+)-(\d+)")  # save_checkpoint's own scratch folders
+
+
+def step_name(step: int) -> str:
+    """The name of the periodic checkpoint after optimiser step ``step``: ``step-00000300``."""
+    return f"step-{step:08d}"
 
 
 class CheckpointError(ValueError):
@@ -139,18 +152,38 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, model_spec
         _prune_old(ckpt_root, keep, protect=name)
     # Half-written folders left by an interrupted earlier process hold a full copy of the
     # weights each; nothing refers to them.
-    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".old-*")]:
-        if stale.is_dir() and not stale.name.endswith(f"-{os.getpid()}"):
+    for stale in ckpt_root.iterdir():
+        match = _SCRATCH_NAME.fullmatch(stale.name)
+        if match and stale.is_dir() and int(match.group(3)) != os.getpid():
             shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def _prune_old(ckpt_root: Path, keep: int, protect: str) -> None:
-    names = sorted(p.name for p in ckpt_root.iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and p.name != "final")
-    for old in names[: max(0, len(names) - keep)]:
+    """Delete all but the newest ``keep`` of the run's own step checkpoints (never ``protect``)."""
+    own = _own_step_checkpoints(ckpt_root)
+    for _, old in own[: max(0, len(own) - keep)]:
         if old != protect:
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
+
+
+def _own_step_checkpoints(ckpt_root: Path) -> list[tuple[int, str]]:
+    """(step, name) of the periodic checkpoints written by ``save_checkpoint`` under
+    ``ckpt_root``, oldest first: the name matches ``step-NNNNNNNN`` exactly and its state.json
+    records that name, that step and this format."""
+    found = []
+    for p in ckpt_root.iterdir() if ckpt_root.is_dir() else ():
+        match = _STEP_NAME.fullmatch(p.name)
+        if not (match and p.is_dir()):
+            continue
+        try:
+            state = read_json(p / "state.json", "checkpoint state")
+        except (OSError, ValueError):
+            continue
+        if (isinstance(state, dict) and state.get("format") == FORMAT
+                and state.get("name") == p.name and state.get("step") == int(match.group(1))):
+            found.append((int(match.group(1)), p.name))
+    return sorted(found)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -181,9 +214,10 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
         try:
             which = read_json(root / "latest.json", "checkpoint pointer")["name"]
         except (FileNotFoundError, ValueError, KeyError, TypeError):
-            which = names[-1]
-        if which not in names:
-            which = names[-1]
+            which = None
+        if which not in names:  # the run's newest step checkpoint, not a user's copy
+            own = _own_step_checkpoints(root)
+            which = own[-1][1] if own else names[-1]
     if which not in names:
         raise CheckpointError(f"checkpoint {which!r} not found in {run_dir}; "
                               f"available: {', '.join(names)}")

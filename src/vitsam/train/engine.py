@@ -2,21 +2,26 @@
 
 All durations (epochs, warm-up, evaluation and checkpoint intervals) are converted to optimiser
 steps once, in ``Timeline``; logging, evaluation and checkpoints are gated by ``is_time``.
+Each log record holds the means over the steps since the previous record, the learning rate
+the last of them used, and images/s over training time only (steps and input pipeline; not
+logging, checkpoint writing or evaluation).
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
+from ..config import ConfigError, RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
 from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
 from ..data.errors import DataError
 from ..data.sample import random_subset
@@ -28,12 +33,28 @@ from ..optim.schedule import build_scheduler
 from ..optim.steps import StepConfig
 from ..optim.steps import train_step as optim_train_step
 from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint, resolve_checkpoint
-from .checkpoint import save_checkpoint, set_rng_state, unflatten_state
+from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int, rounding: Callable[[Fraction], int]) -> int:
+    """``rounding(epochs * steps_per_epoch)`` computed exactly.
+
+    A float such as 1.1 is taken as the decimal it was written as (its shortest repr, which
+    round-trips to the same float), not as its binary value 1.100000000000000088...: the
+    float product 1.1 * 100 = 110.00000000000001 would make ``ceil`` give 111 steps.
+    """
+    exact = Fraction(repr(epochs)) if isinstance(epochs, float) else Fraction(epochs)
+    return int(rounding(exact * steps_per_epoch))
 
 
 @dataclass(frozen=True)
 class Timeline:
-    """Every duration of a run, in optimiser steps."""
+    """Every duration of a run, in optimiser steps.
+
+    The run lasts ceil(epochs * steps_per_epoch) steps (at least the epochs asked for); warm-up,
+    evaluation and checkpoint intervals are the nearest whole number of steps (halves to even,
+    Python's ``round``), intervals at least 1. All products are exact (``epochs_to_steps``).
+    """
 
     steps_per_epoch: int
     total_steps: int
@@ -44,13 +65,15 @@ class Timeline:
 
     @classmethod
     def from_config(cls, t: TrainConfig, steps_per_epoch: int) -> "Timeline":
-        total = max(1, math.ceil(t.epochs * steps_per_epoch))
+        def steps(epochs: float, rounding: Callable[[Fraction], int] = round) -> int:
+            return epochs_to_steps(epochs, steps_per_epoch, rounding)
+
+        total = max(1, steps(t.epochs, math.ceil))
         if t.max_steps is not None:
             total = min(total, t.max_steps)
-        warm = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
-        return cls(steps_per_epoch, total, min(warm, total),
-                   max(1, round(t.eval_every_epochs * steps_per_epoch)),
-                   max(1, round(t.ckpt_every_epochs * steps_per_epoch)), max(1, t.log_every_steps))
+        warm = t.warmup_steps if t.warmup_steps is not None else steps(t.warmup_epochs)
+        return cls(steps_per_epoch, total, min(warm, total), max(1, steps(t.eval_every_epochs)),
+                   max(1, steps(t.ckpt_every_epochs)), max(1, t.log_every_steps))
 
 
 def is_time(step: int, every: int, total: int) -> bool:
@@ -75,35 +98,68 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor,
                optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                step_cfg: StepConfig) -> dict[str, float]:
-    """One optimiser step (two passes with SAM) followed by one scheduler step."""
+    """One optimiser step (two passes with SAM) followed by one scheduler step.
+
+    The result's ``lr`` is the learning rate this step used (first param group), read before
+    the scheduler moves on to the next step's. A step the GradScaler skipped still counts as a
+    step of the schedule, so torch's warning about a scheduler step without an optimiser step
+    (a skipped first step) is silenced.
+    """
+    lr = scheduler.get_last_lr()[0]
     out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg)
-    scheduler.step()
-    return out
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                r"before `optimizer\.step\(\)`")
+        scheduler.step()
+    return {**out, "lr": lr}
 
 
 class _Meter:
-    """Sums step signals between two log records.
+    """Sums step signals between two log records, and the training time they took.
+
+    ``images_per_s`` = images of the interval's steps / seconds between ``start`` and ``stop``:
+    the optimiser steps and the input pipeline feeding them. Logging, checkpoint writing and
+    evaluation (also the evaluation a resumed run repeats) fall outside, so the rate measures
+    training alone. ``lr`` is the learning rate of the interval's last step, not an average.
 
     SAM's diagnostics are NaN on a step the GradScaler skipped (fp16 overflow); they are
     averaged over the steps where they are finite, so one skipped step does not blank the
     interval. The loss is averaged over every step (a NaN loss must show).
+
+    ``state``/``load`` carry an unfinished interval through a checkpoint (JSON; floats round-trip
+    exactly), so a resumed run logs the same records as an uninterrupted one.
     """
 
     DIAGNOSTICS = ("grad_norm", "perturbed_loss", "sharpness", "eps_norm", "grad_cosine")
+    LAST = ("lr",)
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock if clock is not None else time.perf_counter
+        self._since: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.count = 0
-        self.t0 = time.perf_counter()
+        self.seconds = 0.0
 
-    def pause(self, seconds: float) -> None:
-        """Leave ``seconds`` (evaluation, checkpointing) out of the images/s of this interval."""
-        self.t0 += seconds
+    def start(self) -> None:
+        """Training time runs from here ..."""
+        self._since = self.clock()
+
+    def stop(self) -> None:
+        """... to here."""
+        if self._since is not None:
+            self.seconds += self.clock() - self._since
+            self._since = None
 
     def add(self, out: dict[str, float]) -> None:
         for k, v in out.items():
             v = float(v)
+            if k in self.LAST:
+                self.sums[k], self.counts[k] = v, 1
+                continue
             if k in self.DIAGNOSTICS and not math.isfinite(v):
                 self.counts.setdefault(k, 0)
                 self.sums.setdefault(k, 0.0)
@@ -118,9 +174,20 @@ class _Meter:
                for k, v in s.items() if k not in ("correct", "n", "skipped")}
         rec["acc"] = s.get("correct", 0.0) / max(s.get("n", 0.0), 1.0)
         rec["skipped_steps"] = s.get("skipped", 0.0)
-        rec["images_per_s"] = s.get("n", 0.0) / max(time.perf_counter() - self.t0, 1e-9)
-        self.__init__()
+        rec["images_per_s"] = s.get("n", 0.0) / max(self.seconds, 1e-9)
+        self._reset()
         return rec
+
+    def state(self) -> dict[str, Any]:
+        """The unfinished interval, JSON-ready (non-finite sums are written as null)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "count": self.count,
+                "seconds": self.seconds}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue the interval that ``state`` saved."""
+        self.sums = {k: float("nan") if v is None else float(v) for k, v in state["sums"].items()}
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.count, self.seconds = int(state["count"]), float(state["seconds"])
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -200,12 +267,12 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    step, wall_before = 0, 0.0
+    step, wall_before, meter = 0, 0.0, _Meter()
     if resume is not None:
-        step, wall_before = _restore(run_dir, tr, metrics_path)
+        step, wall_before = _restore(run_dir, tr, metrics_path, meter)
     else:
         atomic_write_json(run_dir / "config.json", cfg_dict)
-    t0, meter = time.perf_counter() - wall_before, _Meter()
+    t0 = time.perf_counter() - wall_before
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
             not any(r.get("step") == step and "test_acc" in r for r in read_jsonl(metrics_path)):
         _evaluate_into(metrics_path, tr, step)  # interrupted between checkpoint and evaluation
@@ -225,6 +292,7 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
           bar: Any, cfg_dict: dict[str, Any]) -> int:
     """Optimiser steps from ``step`` to the end, with logging, checkpoints and evaluation."""
     cfg, tl = tr.cfg, tr.timeline
+    meter.start()
     while step < tl.total_steps:
         epoch, skip = divmod(step, tl.steps_per_epoch)
         # Resuming mid-epoch skips the batches already seen (the epoch's order is seeded).
@@ -234,23 +302,23 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
                                  tr.scaler, tr.step_cfg))
             step += 1
             bar.update(1)
+            meter.stop()  # what follows is not training time
             if is_time(step, tl.log_every, tl.total_steps):
-                rec = {**meter.flush(), "step": step, "epoch": step / tl.steps_per_epoch,
-                       "lr": tr.scheduler.get_last_lr()[0]}
+                rec = {**meter.flush(), "step": step, "epoch": step / tl.steps_per_epoch}
                 append_jsonl(metrics_path, rec)
                 bar.set_postfix(epoch=f"{rec['epoch']:.2f}", loss=f"{rec['loss']:.3f}",
                                 acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
-            t_aside = time.perf_counter()
             # Checkpoint before evaluating: a failure or an interruption during evaluation
             # then costs no training (the resumed run evaluates that step again).
             if is_time(step, tl.ckpt_every, tl.total_steps):
-                save_checkpoint(run_dir, f"step-{step:08d}", tr.model, tr.spec, cfg_dict, step,
+                save_checkpoint(run_dir, step_name(step), tr.model, tr.spec, cfg_dict, step,
                                 step // tl.steps_per_epoch, tr.optimizer, tr.scheduler,
-                                tr.scaler, extra={"wall_time_s": time.perf_counter() - t0},
-                                keep=cfg.train.keep_checkpoints)
+                                tr.scaler, keep=cfg.train.keep_checkpoints,
+                                extra={"wall_time_s": time.perf_counter() - t0,
+                                       "meter": meter.state()})
             if is_time(step, tl.eval_every, tl.total_steps):
                 _evaluate_into(metrics_path, tr, step)
-            meter.pause(time.perf_counter() - t_aside)
+            meter.start()
             if step >= tl.total_steps:
                 break
     return step
@@ -272,16 +340,21 @@ def _saved_config(run_dir: Path) -> RunConfig:
     if (run_dir / "final.json").exists():
         raise CheckpointError(f"{run_dir} already finished (final.json exists); "
                               "start a new run instead of resuming")
+    source = run_dir / "config.json"
     try:
-        saved = read_json(run_dir / "config.json", "run config")
+        saved = read_json(source, "run config")
     except (FileNotFoundError, ValueError) as exc:
         if not list_checkpoints(run_dir):
             raise CheckpointError(f"{str(exc).splitlines()[0]}; {run_dir} is not a vitsam run "
                                   "folder that can be resumed") from None
         # The checkpoint's state.json holds the same config.
-        state, _, _ = read_checkpoint(resolve_checkpoint(run_dir, "last"))
+        source = resolve_checkpoint(run_dir, "last") / "state.json"
+        state, _, _ = read_checkpoint(source.parent)
         saved = state["config"]
-    return from_dict(RunConfig, saved)
+    try:
+        return from_dict(RunConfig, saved)
+    except ConfigError as exc:  # e.g. a hand-edited "epochs": "3"
+        raise ConfigError(f"{exc} (in {source}; correct it there)") from None
 
 
 def _check_fresh(run_dir: Path) -> None:
@@ -294,8 +367,9 @@ def _check_fresh(run_dir: Path) -> None:
         raise CheckpointError(f"run folder {run_dir} is not empty; {hint} a new --run-dir")
 
 
-def _restore(run_dir: Path, tr: Trainer, metrics_path: Path) -> tuple[int, float]:
-    """Load the latest checkpoint of ``run_dir`` into the training objects; returns (step, wall).
+def _restore(run_dir: Path, tr: Trainer, metrics_path: Path, meter: _Meter) -> tuple[int, float]:
+    """Load the latest checkpoint of ``run_dir`` into the training objects and ``meter`` (the
+    log interval it was in); returns (step, wall).
 
     A run interrupted before its first checkpoint starts again from step 0 (every draw is
     seeded, so that is the same run).
@@ -311,6 +385,8 @@ def _restore(run_dir: Path, tr: Trainer, metrics_path: Path) -> tuple[int, float
         set_rng_state(state["rng"])
         step = int(state["step"])
         wall = float(state.get("extra", {}).get("wall_time_s", 0.0))
+        if "meter" in state.get("extra", {}):
+            meter.load(state["extra"]["meter"])
     if metrics_path.exists():  # keep the interrupted log, but continue a clean one
         records = list(read_jsonl(metrics_path))
         k = 0
