@@ -38,7 +38,9 @@ def _records(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"{d} is not a folder; give a study folder or run folders")
-        studies = sorted(d.glob("study-*.json"))
+        order = ["main", "augment", "inside", "sharpness"]
+        studies = sorted(d.glob("study-*.json"),
+                         key=lambda p: (order.index(p.stem[6:]) if p.stem[6:] in order else 99, p.stem))
         if studies:
             out += [(d, read_json(p, "study record")) for p in studies]
         elif (d / "final.json").exists():
@@ -102,7 +104,10 @@ def _study_view(folder: Path, rec: dict[str, Any], t: dict[str, Any]) -> dict[st
             "command": rec.get("command"), "failed": ", ".join(failed),
             "wall": f"{wall / 60:.1f} min" if wall else None,
             "headers": [tables.COLUMNS[c][0] for c in cols], "columns": cols,
-            "rows": rows, "diffs": diffs}
+            "rows": rows, "diffs": diffs,
+            "note": (f"Matched loss L* = {t['matched_loss']:.4f}: the lowest training-batch loss "
+                     "that every cell reaches at one of its checkpoints."
+                     if t.get("matched_loss") is not None else "")}
 
 
 def _figures(folder: Path, rec: dict[str, Any], t: dict[str, Any], fig_dir: Path) -> list[Figure]:
@@ -110,6 +115,10 @@ def _figures(folder: Path, rec: dict[str, Any], t: dict[str, Any], fig_dir: Path
     name, cmd = rec["study"], rec.get("command") or f"vitsam report {folder}"
     rows = [r for r in t["rows"] if (folder / r["name"]).is_dir()]
     made: list[Figure] = []
+    # A study folder can hold several studies' stages on shared cells: each study shows the
+    # figures of its own stages (loose run folders show everything they have).
+    stages = set(rec.get("stages") or ["hessian", "sparsity", "attention", "landscape",
+                                       "corruptions", "sharpness"])
 
     def add(title: str, path: Path | None, caption: str) -> None:
         if path is not None and path.exists():
@@ -118,8 +127,8 @@ def _figures(folder: Path, rec: dict[str, Any], t: dict[str, Any], fig_dir: Path
     add(f"{name}: training curves", figures.training_curves(
         folder, rows, fig_dir / f"{name}_training.png"),
         "Training loss (logged per interval) and test accuracy against epochs.")
-    add(f"{name}: Hessian lambda_max per cell", figures.lambda_bars(
-        rows, fig_dir / f"{name}_lambda_max.png"),
+    add(f"{name}: Hessian lambda_max per cell", "hessian" in stages and figures.lambda_bars(
+        rows, fig_dir / f"{name}_lambda_max.png") or None,
         "Dominant Hessian eigenvalue of the training cross-entropy on clean training batches "
         "(coloured) and on crop + flip augmented ones (grey); L = loss on the clean batches. "
         f"Settings: {' '.join(_hessian_settings(folder, rows))}.")
@@ -127,14 +136,14 @@ def _figures(folder: Path, rec: dict[str, Any], t: dict[str, Any], fig_dir: Path
         t["agg"], fig_dir / f"{name}_gain_vs_size.png"),
         "Test-accuracy difference SAM - vanilla (solid) and SAM+AUG - AUG (dashed); error bars "
         "are the sum of the two spreads over seeds.")
-    add(f"{name}: curvature over training", figures.sharpness_curves(
-        folder, rows, fig_dir / f"{name}_sharpness.png"),
+    add(f"{name}: curvature over training", "sharpness" in stages and figures.sharpness_curves(
+        folder, rows, fig_dir / f"{name}_sharpness.png") or None,
         "lambda_max at every saved checkpoint (top) and SAM's logged sharpness "
         "L(w + eps) - L(w) (bottom) against optimiser steps.")
-    add(f"{name}: active MLP units per block", figures.sparsity_per_block(
-        folder, rows, fig_dir / f"{name}_sparsity.png"),
+    add(f"{name}: active MLP units per block", "sparsity" in stages and figures.sparsity_per_block(
+        folder, rows, fig_dir / f"{name}_sparsity.png") or None,
         "Mean share of MLP hidden units active (> 0 after the activation) per image, per block.")
-    made += _plugin_figures(folder, rows, fig_dir, name, cmd)
+    made += _plugin_figures(folder, rows, fig_dir, name, cmd, stages)
     return made
 
 
@@ -151,7 +160,7 @@ def _hessian_settings(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _plugin_figures(folder: Path, rows: list[dict[str, Any]], fig_dir: Path, name: str,
-                    cmd: str) -> list[Figure]:
+                    cmd: str, stages: set[str]) -> list[Figure]:
     """Comparison figures of the analysis plug-ins and the corruption heatmap, from the saved
     results of every cell that has them."""
     from ..analysis.runner import draw
@@ -164,11 +173,11 @@ def _plugin_figures(folder: Path, rows: list[dict[str, Any]], fig_dir: Path, nam
         d = folder / r["name"]
         ana = read_json(d / "analysis.json", "analysis file") if (d / "analysis.json").exists() else {}
         for key in ("landscape", "attention"):
-            res = ana.get(key, {}).get("result")
+            res = ana.get(key, {}).get("result") if key in stages else None
             if res and res.get("supported", True) is not False:
                 per.setdefault(key, []).append((r["name"], res))
         ev = read_json(d / "eval.json", "evaluation file") if (d / "eval.json").exists() else {}
-        if "corruptions" in ev:
+        if "corruptions" in ev and "corruptions" in stages:
             corr.append((r["name"], ev["corruptions"]))
     captions = {"landscape": "Filter-normalised loss along a random direction around the "
                              "trained weights (Li et al., 2018), on fixed training batches.",
@@ -217,6 +226,8 @@ def build_report(dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]
         if v["failed"]:
             md += [f"Failed cells: {v['failed']}", ""]
         md.append(tables.to_markdown(t["agg"], t["diffs"], v["columns"]))
+        if v["note"]:
+            md += [v["note"], ""]
         figs += _figures(folder, rec, t, fig_dir)
     title = "vitsam report: " + ", ".join(v["name"] for v in views)
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)

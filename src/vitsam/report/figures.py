@@ -161,5 +161,6 @@ def sparsity_per_block(study_dir: Path, rows: Sequence[dict[str, Any]], path: Pa
             drawn = True
     ax.set_xlabel("block")
     ax.set_ylabel("active units per image %")
-    ax.legend(fontsize=6)
+    if drawn:
+        ax.legend(fontsize=6)
     return _save(fig, path) if drawn else (plt.close(fig) or None)

@@ -40,6 +40,7 @@ code, pre { background: #f5f5f5; padding: 0.1em 0.3em; }
 {% for row in s.rows %}<tr><td>{{ row.label }}</td>{% for c in row.cells %}<td{% if c.best %} class="best"{% endif %}>{{ c.text }}</td>{% endfor %}</tr>
 {% endfor %}</tbody>
 </table>
+{% if s.note %}<p class="meta">{{ s.note }}</p>{% endif %}
 {% if s.diffs %}
 <table class="differences" data-study="{{ s.name }}">
 <thead><tr><th>difference</th>{% for h in s.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead>

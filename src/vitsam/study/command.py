@@ -46,7 +46,6 @@ def add_study(sub: Any) -> None:
 
 def _cmd_study(args: argparse.Namespace) -> None:
     from .presets import get_study, study_cells
-    from .tables import write_tables
     from .runner import StudyFailed, print_status, run_study
 
     study = get_study(args.name)
@@ -70,7 +69,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
         record = read_json(Path(args.out) / f"study-{study.name}.json", "study record")
     print(f"\nstudy {study.name} at {args.scale} scale -> {args.out}")
     print_status(record)
-    md = write_tables(Path(args.out), record)
+    md = Path(args.out) / f"{study.name}.md"
     print("\n" + md.read_text())
     print(f"tables -> {md} (and .csv); full report: vitsam report {args.out}")
     if failure is not None:

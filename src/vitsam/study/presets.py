@@ -200,7 +200,8 @@ STUDIES: dict[str, Study] = {
                     _settings, reuses="main"),
     "sharpness": Study("sharpness", "lambda_max and SAM's logged sharpness at every saved "
                        "checkpoint, against training steps", _sharpness_grid,
-                       ("sharpness",), ("test_acc", "lambda_max"), _settings),
+                       ("sharpness",), ("test_acc", "lambda_max_last", "lambda_max_matched",
+                                        "matched_step"), _settings),
 }
 
 

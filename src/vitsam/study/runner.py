@@ -23,6 +23,7 @@ from ..config import ConfigError, RunConfig
 from ..io import atomic_write_json
 from .presets import Cell, Study, cell_overrides, describe, study_cells
 from .stages import pending, run_cell
+from .tables import write_tables
 
 
 class StudyFailed(RuntimeError):
@@ -158,6 +159,7 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
     record["wall_time_s"] = time.perf_counter() - t0
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     atomic_write_json(rec_path, record)
+    write_tables(out, record)
     failed = sorted(n for n, e in record["cells"].items() if e["status"] == "failed")
     if failed:
         first = record["cells"][failed[0]]["error"]

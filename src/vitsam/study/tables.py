@@ -28,6 +28,9 @@ COLUMNS: dict[str, tuple[str, str, bool | None]] = {
     "train_acc": ("train acc %", "{:.2f}", None),
     "corrupt_acc": ("corruption acc %", "{:.2f}", True),
     "train_images_per_s": ("train img/s", "{:.0f}", True),
+    "lambda_max_last": ("lambda_max, last checkpoint", "{:.4g}", False),
+    "lambda_max_matched": ("lambda_max at matched loss", "{:.4g}", False),
+    "matched_step": ("step reaching matched loss", "{:.0f}", None),
     "active_pct": ("active MLP units % (block 1)", "{:.1f}", False),
     "attention_entropy": ("class-token entropy (nats)", "{:.3f}", False),
 }
@@ -73,7 +76,29 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
     att = _get(ana, "attention", "result")
     if att and att.get("supported", True) is not False and att.get("entropy_per_block"):
         v["attention_entropy"] = att["entropy_per_block"][-1]
+    sharp = _load(run_dir / "sharpness.json").get("checkpoints")
+    if sharp:
+        v["lambda_max_last"] = sharp[-1]["lambda_max"]
+        v["_checkpoints"] = sharp
     return {k: x for k, x in v.items() if x is not None}
+
+
+def match_losses(rows: list[dict[str, Any]]) -> float | None:
+    """Give each row with checkpoint curvature ``lambda_max_matched``: lambda_max at its first
+    checkpoint whose batch loss is at most L*, the lowest loss every such cell reaches.
+
+    Comparing curvature at equal training loss keeps memorisation (a near-zero loss flattens the
+    cross-entropy Hessian) from passing for a flatter minimum. Returns L* (None: no cells)."""
+    curves = [r["_checkpoints"] for r in rows if r.get("_checkpoints")]
+    if not curves:
+        return None
+    target = max(min(p["loss"] for p in c) for c in curves)
+    for r in rows:
+        pts = r.get("_checkpoints")
+        if pts:
+            first = next(p for p in pts if p["loss"] <= target)
+            r["lambda_max_matched"], r["matched_step"] = first["lambda_max"], first["step"]
+    return target
 
 
 def collect(study_dir: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -213,8 +238,10 @@ def study_tables(study_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Per-cell rows, aggregated rows and SAM differences of one study record."""
     columns = record["columns"]
     rows = collect(study_dir, record)
+    matched = match_losses(rows)
     agg = aggregate(rows, columns)
-    return {"rows": rows, "agg": agg, "diffs": differences(agg, columns), "columns": columns}
+    return {"rows": rows, "agg": agg, "diffs": differences(agg, columns), "columns": columns,
+            "matched_loss": matched}
 
 
 def write_tables(study_dir: Path, record: dict[str, Any]) -> Path:

@@ -1,0 +1,219 @@
+"""Studies at smoke scale: every table cell and figure filled, reuse, failures, aggregation."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from vitsam.cli import main
+from vitsam.study import stages, tables
+from vitsam.study.presets import STUDIES, get_study, study_cells
+from vitsam.study.runner import StudyFailed, run_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder holding main (2 seeds), then inside on main's cells, and sharpness."""
+    out = tmp_path_factory.mktemp("study")
+    run_study(get_study("main"), "smoke", out, seeds=(0, 1), progress=False)
+    run_study(get_study("inside"), "smoke", out, seeds=(0, 1), progress=False)
+    run_study(get_study("sharpness"), "smoke", out, seeds=(0,), progress=False)
+    return out
+
+
+def _record(out: Path, name: str) -> dict:
+    return json.loads((out / f"study-{name}.json").read_text())
+
+
+def test_main_fills_every_table_cell_with_mean_and_spread(study_dir: Path) -> None:
+    rec = _record(study_dir, "main")
+    t = tables.study_tables(study_dir, rec)
+    assert len(t["agg"]) == 6  # 3 families x {vanilla, SAM}
+    for row in t["agg"]:
+        for col in rec["columns"]:
+            assert col in row, (row["family"], row["method"], col)
+            assert math.isfinite(row[col]["mean"])
+        assert row["test_acc"]["n"] == 2  # both seeds
+    # NTK at init: every re-initialisation of both cells counts (2 seeds x 2 draws).
+    assert all(r["ntk_kappa_init"]["n"] == 4 for r in t["agg"])
+    assert all(r["ntk_convention"] == "sum-logits" for r in t["rows"])
+    md = (study_dir / "main.md").read_text()
+    assert md.count("\n| resnet") + md.count("\n| vit") + md.count("\n| mixer") == 9  # 6 + 3 diffs
+
+
+def test_aggregate_matches_statistics_computed_directly(study_dir: Path) -> None:
+    rec = _record(study_dir, "main")
+    t = tables.study_tables(study_dir, rec)
+    for row in t["agg"]:
+        accs = []
+        for seed in (0, 1):
+            final = json.loads((study_dir / f"{row['family']}-{row['method']}-s{seed}" /
+                                "final.json").read_text())
+            accs.append(100 * final["test_acc"])
+        assert row["test_acc"]["mean"] == pytest.approx(sum(accs) / 2)
+        assert row["test_acc"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+
+
+def test_hessian_is_reported_with_loss_and_augmented_batches(study_dir: Path) -> None:
+    ana = json.loads((study_dir / "vit-sam-s0" / "analysis.json").read_text())
+    assert ana["hessian"]["result"]["lambda_max"] > 0
+    aug = ana["hessian_augmented"]
+    assert aug["result"]["augment"] == "basic" and aug["samples"] == 16
+    assert 0.0 <= aug["result"]["batch_accuracy"] <= 1.0
+    assert math.isfinite(aug["result"]["loss"])
+
+
+def test_inside_reuses_mains_training_and_adds_its_stages(study_dir: Path) -> None:
+    rec = _record(study_dir, "inside")
+    assert set(rec["cells"]) == {f"{f}-{m}-s{s}" for f in ("vit", "mixer")
+                                 for m in ("vanilla", "sam") for s in (0, 1)}
+    for name, entry in rec["cells"].items():
+        assert entry["status"] == "done"
+        assert "train" not in entry["ran"], name  # main trained it
+        assert set(entry["ran"]) == {"sparsity", "attention", "landscape"}
+    t = tables.study_tables(study_dir, rec)
+    vit = [r for r in t["agg"] if r["family"] == "vit"]
+    assert all("attention_entropy" in r and "active_pct" in r for r in vit)
+    assert (study_dir / "vit-sam-s0" / "attention_entropy.png").exists()
+    assert (study_dir / "vit-sam-s0" / "landscape_1d.png").exists()
+
+
+def test_sharpness_measures_every_checkpoint(study_dir: Path) -> None:
+    for fam in ("vit", "resnet"):
+        for meth in ("vanilla", "sam"):
+            d = study_dir / f"{fam}-{meth}-ckpts-s0"
+            s = json.loads((d / "sharpness.json").read_text())
+            ckpts = sorted(p.name for p in (d / "checkpoints").iterdir() if p.is_dir())
+            assert [p["checkpoint"] for p in s["checkpoints"]] == ckpts
+            assert [p["step"] for p in s["checkpoints"]] == [1, 2, 3]
+            assert all(p["lambda_max"] > 0 and math.isfinite(p["loss"]) for p in s["checkpoints"])
+            assert bool(s["logged"]) == (meth == "sam")  # only SAM logs its sharpness
+
+
+def test_report_html_and_markdown_hold_the_same_numbers(study_dir: Path) -> None:
+    from vitsam.report import build_report
+
+    html, md = build_report([study_dir])
+    text, mdt = html.read_text(), md.read_text()
+    rec = _record(study_dir, "main")
+    t = tables.study_tables(study_dir, rec)
+    for row in t["agg"]:
+        for col in rec["columns"]:
+            cell = tables.fmt_cell(row[col], col)
+            assert cell in mdt and cell.replace("±", "&plusmn;") in text.replace("±", "&plusmn;")
+    assert "src=\"http" not in text and "<script src" not in text  # nothing fetched
+    for fig in ("main_training.png", "main_lambda_max.png", "main_corruptions.png",
+                "sharpness_sharpness.png", "inside_sparsity.png"):
+        assert f"figures/{fig}" in mdt, fig
+    assert (study_dir / "main.csv").read_text().count("\n") == 13  # header + 12 cells
+
+
+def test_deleting_a_cell_retrains_only_that_cell(study_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(study_dir, out)
+    shutil.rmtree(out / "mixer-sam-s1")
+    rec = run_study(get_study("main"), "smoke", out, seeds=(0, 1), progress=False)
+    trained = [n for n, e in rec["cells"].items() if "train" in e.get("ran", [])]
+    assert trained == ["mixer-sam-s1"]
+    assert sum(e["status"] == "reused" for e in rec["cells"].values()) == 11
+
+
+def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path: Path, capsys) -> None:
+    # Mixer takes num_blocks, a ViT does not: only the ViT cell can fail.
+    code = main(["study", "main", "--scale", "smoke", "--out", str(tmp_path), "--quiet",
+                 "--only", "vit-vanilla-s0", "mixer-vanilla-s0", "model.kwargs.num_blocks=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "1 of 2 cells failed (vit-vanilla-s0)" in err and len(err.strip().splitlines()) == 1
+    rec = _record(tmp_path, "main")
+    assert rec["cells"]["vit-vanilla-s0"]["status"] == "failed"
+    assert rec["cells"]["mixer-vanilla-s0"]["status"] == "done"
+    assert (tmp_path / "mixer-vanilla-s0" / "cell.json").exists()
+    assert not (tmp_path / "vit-vanilla-s0" / "cell.json").exists()
+
+
+def test_augment_grid_in_two_worker_processes(tmp_path: Path) -> None:
+    rec = run_study(get_study("augment"), "smoke", tmp_path, seeds=(0,), workers=2,
+                    progress=False)
+    assert len(rec["cells"]) == 24 and all(e["status"] == "done" for e in rec["cells"].values())
+    t = tables.study_tables(tmp_path, rec)
+    assert {r["fraction"] for r in t["agg"]} == {1.0, 0.5}
+    assert all("test_acc" in r and "lambda_max" in r for r in t["agg"])
+    # Half the training fraction trains on half the images.
+    cfg = lambda n: json.loads((tmp_path / n / "config.json").read_text())["data"]  # noqa: E731
+    assert cfg("vit-sam-f0.5-s0")["train_fraction"] == pytest.approx(
+        cfg("vit-sam-f1-s0")["train_fraction"] / 2)
+    assert cfg("vit-aug-f1-s0")["augment"] == "strong"
+    from vitsam.report import build_report
+
+    _, md = build_report([tmp_path])
+    assert "figures/augment_gain_vs_size.png" in md.read_text()
+
+
+def test_changed_config_in_an_existing_cell_folder_is_refused(study_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(study_dir / "vit-sam-s0", out / "vit-sam-s0")
+    with pytest.raises(StudyFailed, match="another configuration"):
+        run_study(get_study("main"), "smoke", out, seeds=(0,), only=["vit-sam-s0"],
+                  overrides=["optim.rho=0.5"], progress=False)
+
+
+# -- pure logic -------------------------------------------------------------------------------
+
+def test_significance_needs_two_seeds_and_a_gap_beyond_the_spreads() -> None:
+    a = {"mean": 10.0, "std": 1.0, "n": 3}
+    assert tables.significant(a, {"mean": 7.9, "std": 1.0, "n": 3}) is True
+    assert tables.significant(a, {"mean": 8.1, "std": 1.0, "n": 3}) is False
+    assert tables.significant(a, {"mean": 0.0, "std": 0.0, "n": 1}) is None
+
+
+def test_aggregate_and_differences_on_hand_made_rows() -> None:
+    rows = [{"name": f"vit-{m}-s{s}", "family": "vit", "method": m, "fraction": 1.0, "seed": s,
+             "status": "done", "test_acc": acc, "lambda_max": lam}
+            for m, s, acc, lam in (("vanilla", 0, 0.50, 100.0), ("vanilla", 1, 0.54, 120.0),
+                                   ("sam", 0, 0.60, 30.0), ("sam", 1, 0.62, 34.0))]
+    agg = tables.aggregate(rows, ["test_acc", "lambda_max"])
+    van = next(r for r in agg if r["method"] == "vanilla")
+    assert van["test_acc"]["mean"] == pytest.approx(52.0)
+    assert van["test_acc"]["std"] == pytest.approx(statistics.stdev([50.0, 54.0]))
+    d = tables.differences(agg, ["test_acc", "lambda_max"])[0]
+    assert d["test_acc"]["diff"] == pytest.approx(61.0 - 52.0)
+    assert d["test_acc"]["significant"] is True  # 9 > 2.83 + 1.41
+    assert d["lambda_max"]["diff"] == pytest.approx(32.0 - 110.0)
+    assert tables.best(agg, "lambda_max") == {agg.index(next(r for r in agg if r["method"] == "sam"))}
+
+
+def test_study_cells_bad_input_is_one_line() -> None:
+    from vitsam.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown study 'mian'.*did you mean main"):
+        get_study("mian")
+    with pytest.raises(ConfigError, match="no cell 'vit-sam-s9'"):
+        study_cells(STUDIES["main"], "smoke", [0], only=["vit-sam-s9"])
+    with pytest.raises(ConfigError, match="distinct"):
+        study_cells(STUDIES["main"], "smoke", [0, 0])
+
+
+@pytest.mark.parametrize("args, text", [
+    (["study", "main", "--seeds", "a,b"], "--seeds 'a,b' must be comma-separated integers"),
+    (["study", "main", "--workers", "0"], "--workers must be a positive integer"),
+    (["study", "main", "train.epochz=3"], "unknown config key 'train.epochz'"),
+    (["report", "/nonexistent-folder"], "is not a folder"),
+])
+def test_cli_errors(args: list[str], text: str, tmp_path: Path, capsys) -> None:
+    if args[0] == "study":
+        args = [*args[:2], "--out", str(tmp_path / "s"), *args[2:]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert text in err and len(err.strip().splitlines()) == 1
+
+
+def test_stage_list_is_complete() -> None:
+    for study in STUDIES.values():
+        assert set(study.stages) <= set(stages.STAGES)
