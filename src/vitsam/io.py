@@ -1,11 +1,20 @@
-"""Small file helpers: atomic writes (never leave a half-written file behind) and JSON lines."""
+"""Small file helpers: atomic writes (never leave a half-written file behind), locks, JSON lines.
+
+Atomic writes create their file as ``open()`` would (mode 0o666 less the umask), so files in a
+shared folder are as readable as the user's other files. Read-modify-write of a shared file
+(``merge_json``, a corruption set's manifest) holds ``locked(path)``: an exclusive ``flock`` on
+the sibling file ``.<name>.lock``, which is left in place (removing it would let two processes
+lock two different files). ``flock`` is POSIX (Linux, macOS); on network file systems it is only
+as good as the server's lock support.
+"""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -16,11 +25,19 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file handle whose content replaces ``path`` only once the block completes.
 
     Writes go to a temporary file in the same folder, which is fsynced and renamed over
-    ``path``; on any error the temporary file is removed and ``path`` is left as it was.
+    ``path``; on any error the temporary file is removed and ``path`` is left as it was. The
+    file gets mode 0o666 less the umask (``tempfile.mkstemp`` would make it 0o600, unreadable
+    to the other users of a shared folder).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:  # O_EXCL: never reuse another writer's temporary file; the kernel applies the umask
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -71,33 +88,54 @@ def read_json(path: str | Path, what: str = "file",
                          f"{fix}") from None
 
 
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock for ``path`` while the block runs (blocks until it is free).
+
+    The lock is an ``flock`` on ``.<name>.lock`` beside ``path``, so every process that updates
+    ``path`` through this function takes turns; it is released when the block ends or the
+    process dies. Not re-entrant: do not nest two ``locked`` blocks for one path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Read-only is enough for flock and works on a lock file another user created.
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def merge_json(path: str | Path, entries: dict[str, Any], what: str = "file") -> dict[str, Any]:
     """Update the JSON object in ``path`` with ``entries`` (atomically) and return the result.
 
-    A damaged or non-object file is never lost: it is renamed to ``<stem>.damaged-<k><suffix>``
-    next to it (with a warning on stderr) and a fresh file holds ``entries``, so results just
-    computed are always written.
+    The read, update and write happen under ``locked(path)``, so concurrent writers (two
+    evaluations of one run) each keep the other's keys. A damaged or non-object file is never
+    lost: it is renamed to ``<stem>.damaged-<k><suffix>`` next to it (with a warning on stderr)
+    and a fresh file holds ``entries``, so results just computed are always written.
     """
     import sys
 
     path = Path(path)
-    merged: Any = {}
-    if path.exists():
-        try:
-            merged = json.loads(path.read_text())
-            reason = "it is not a JSON object"
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            merged, reason = None, f"{exc.__class__.__name__}: {exc}"
-        if not isinstance(merged, dict):
-            k = 0
-            while (aside := path.with_name(f"{path.stem}.damaged-{k}{path.suffix}")).exists():
-                k += 1
-            os.replace(path, aside)
-            print(f"vitsam: warning: {what} {path} was unreadable ({reason}); kept it as {aside} "
-                  "and wrote a new one", file=sys.stderr)
-            merged = {}
-    merged.update(entries)
-    atomic_write_json(path, merged)
+    with locked(path):
+        merged: Any = {}
+        if path.exists():
+            try:
+                merged = json.loads(path.read_text())
+                reason = "it is not a JSON object"
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                merged, reason = None, f"{exc.__class__.__name__}: {exc}"
+            if not isinstance(merged, dict):
+                k = 0
+                while (aside := path.with_name(f"{path.stem}.damaged-{k}{path.suffix}")).exists():
+                    k += 1
+                os.replace(path, aside)
+                print(f"vitsam: warning: {what} {path} was unreadable ({reason}); kept it as {aside} "
+                      "and wrote a new one", file=sys.stderr)
+                merged = {}
+        merged.update(entries)
+        atomic_write_json(path, merged)
     return merged
 
 

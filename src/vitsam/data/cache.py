@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -51,14 +52,18 @@ def cache_path(cache_dir: str | Path, name: str, key: str) -> Path:
 def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[], dict]) -> dict:
     """Return the cached dict of tensors/strings for (name, key), building and storing it if absent.
 
-    An unreadable entry (e.g. from an older torch) is rebuilt rather than trusted.
+    An unreadable entry (e.g. from an older torch, or another user's file without read
+    permission) is rebuilt and replaced rather than trusted, with a one-line warning naming it,
+    so that a cache which never works does not go unnoticed.
     """
     path = cache_path(cache_dir, name, key)
     if path.exists():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - any unreadable entry is simply rebuilt
-            pass
+        except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(f"vitsam: warning: cache entry {path} is unreadable ({type(exc).__name__}: "
+                  f"{first}); rebuilding it", file=sys.stderr)
     data = build()
     with atomic_writer(path) as fh:
         torch.save(data, fh)

@@ -5,6 +5,14 @@ ones) at severities 1-5 and stores one uint8 ``.npy`` array per (corruption, sev
 ``labels.npy``, ``clean.npy`` and a ``manifest.json`` with checksums. ``iter_corruption_set``
 reads it back for evaluation (``vitsam.eval.robustness``).
 
+Manifest contract: ``parts`` lists only parts whose file exists and matched its checksum when
+it was recorded; ``requested`` is every (corruption, severity) any build of the folder asked
+for; ``complete`` is true only when every requested part is listed and its file was verified
+against its checksum at the end of a build. Several builds may fill one folder at once (say,
+disjoint ``corruptions`` in two processes): each records a part by re-reading the manifest,
+adding the part and writing it back while holding the folder's lock (``vitsam.io.locked``), so
+no build drops another's parts, and the last one to finish sets ``complete``.
+
 Parameter sets: ``"imagenet-c"`` uses the library ``imagecorruptions`` (fork
 ``imagecorruptions-imaug``) with its defaults; ``"cifar-c"`` uses CIFAR-10-C's milder constants
 (``vitsam.data.cifar_c``). ImageNet-C's constants are meant for 224 px images; on 32 px images
@@ -56,10 +64,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write_json, atomic_writer, sha256_file
+from ..io import atomic_write_json, atomic_writer, locked, sha256_file
 from . import cifar_c
 
 FORMAT = "vitsam-corruptions/1"
+MANIFEST = "manifest.json"
 PARAM_SETS = ("imagenet-c", "cifar-c")
 STANDARD = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -263,15 +272,16 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST
     if not path.exists():
         return None
     try:
         man = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CorruptionSetError(f"{path} is damaged; delete the folder {out_dir} and build again") from None
-    if man.get("format") != FORMAT:
-        raise CorruptionSetError(f"{out_dir} is not a vitsam corruption set (format {man.get('format')!r}); "
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        fmt = man.get("format") if isinstance(man, dict) else None
+        raise CorruptionSetError(f"{out_dir} is not a vitsam corruption set (format {fmt!r}); "
                                  "choose another out_dir")
     return man
 
@@ -280,6 +290,52 @@ def _part_done(out_dir: Path, man: dict[str, Any], corruption: str, severity: in
     entry = man["parts"].get(corruption, {}).get(str(severity))
     path = out_dir / part_file(corruption, severity)
     return bool(entry) and path.exists() and sha256_file(path) == entry["sha256"]
+
+
+def _drop_part(man: dict[str, Any], corruption: str, severity: int) -> None:
+    sevs = man["parts"].get(corruption, {})
+    sevs.pop(str(severity), None)
+    if not sevs:
+        man["parts"].pop(corruption, None)
+
+
+def requested_parts(man: dict[str, Any]) -> set[tuple[str, int]]:
+    """Every (corruption, severity) that a build of this set asked for."""
+    req = man.get("requested")
+    if req is None:  # a manifest without a record of requests: what it lists is what was wanted
+        return {(c, int(s)) for c, v in man["parts"].items() for s in v}
+    if set(req) == {"corruptions", "severities"}:  # written before requests were merged
+        return {(c, int(s)) for c in req["corruptions"] for s in req["severities"]}
+    return {(c, int(s)) for c, v in req.items() for s in v}
+
+
+def missing_parts(man: dict[str, Any]) -> list[tuple[str, int]]:
+    """Requested parts the manifest does not list, in canonical order."""
+    have = {(c, int(s)) for c, v in man["parts"].items() for s in v}
+    order = {c: i for i, c in enumerate(ALL_CORRUPTIONS)}
+    return sorted(requested_parts(man) - have, key=lambda p: (order.get(p[0], len(order)), p[1]))
+
+
+def _write_manifest(out_dir: Path, man: dict[str, Any], complete: bool) -> None:
+    """Write ``man`` with summary keys derived from its parts; call holding ``locked``.
+
+    ``complete`` is stored only if no requested part is missing: a manifest never claims more
+    than it lists, and it lists only verified files.
+    """
+    done = {c: sorted(int(s) for s in man["parts"][c]) for c in ALL_CORRUPTIONS if man["parts"].get(c)}
+    man["corruptions"] = list(done)
+    man["severities"] = sorted({s for v in done.values() for s in v})
+    man["complete"] = bool(complete and done and not missing_parts(man))
+    atomic_write_json(out_dir / MANIFEST, man)
+
+
+def _locked_manifest(out_dir: Path) -> dict[str, Any]:
+    """The manifest as it is on disk now (call holding ``locked``), with a one-line error if gone."""
+    man = _read_manifest(out_dir)
+    if man is None:
+        raise CorruptionSetError(f"{out_dir / MANIFEST} disappeared while the set was being built; "
+                                 "build it again")
+    return man
 
 
 # ---------------------------------------------------------------- build
@@ -304,9 +360,11 @@ def build_corruption_set(
     file, library version, ``source`` description). Each part is written atomically and recorded
     in the manifest as soon as it is complete, so an interrupted build resumes: a re-run (also one
     asking for more corruptions or severities) skips every part whose file matches its recorded
-    checksum. ``workers`` >= 2 corrupts in that many (spawned) processes, so a script calling it
-    needs the usual ``if __name__ == "__main__":`` guard; 0 or 1 works in this process.
-    Returns ``out_dir``.
+    checksum. Other builds with the same settings may run on the same folder at the same time
+    (see the module docstring); the manifest says ``complete`` once every part any of them
+    requested is built and verified. ``workers`` >= 2 corrupts in that many (spawned)
+    processes, so a script calling it needs the usual ``if __name__ == "__main__":`` guard;
+    0 or 1 works in this process. Returns ``out_dir``.
     """
     params = _check_params(params)
     names = corruption_names(corruptions, extra)
@@ -330,42 +388,52 @@ def build_corruption_set(
     fingerprint = _fingerprint(imgs, labs)
     # A different library version may corrupt differently: never mix two versions in one set.
     settings = {"params": params, "seed": seed, "library": library_version(), "source_sha256": fingerprint}
-    man = _read_manifest(out)
-    if man is not None:
-        old = {k: man.get(k) for k in ("params", "seed", "library")}
-        old["source_sha256"] = man.get("source", {}).get("sha256")
-        if old != settings:
-            diff = ", ".join(f"{k}: {old[k]!r} there, {settings[k]!r} now" for k in settings if old[k] != settings[k])
-            raise CorruptionSetError(f"{out} holds a corruption set built with other settings ({diff}); "
-                                     "choose a new out_dir or delete that folder")
-    else:
-        n, c, h, w = imgs.shape
-        man = {
-            "format": FORMAT,
-            "params": params,
-            "seed": seed,
-            "library": library_version(),
-            "small_image_policy": SMALL_IMAGE_POLICY,
-            "source": {"description": source or f"{n} images of shape {c}x{h}x{w}", "sha256": fingerprint},
-            "n": n,
-            "image_shape": [c, h, w],
-            "dtype": "uint8",
-            "layout": "NCHW",
-            "clean": {"file": "clean.npy"},
-            "labels": {"file": "labels.npy"},
-            "parts": {},
-        }
-    for key, arr in (("clean", imgs), ("labels", labs)):
-        path = out / man[key]["file"]
-        if not (path.exists() and man[key].get("sha256") == sha256_file(path)):
-            man[key]["sha256"] = _save_npy_atomic(path, arr)
-    man["requested"] = {"corruptions": names, "severities": sev}
-    man["complete"] = False
-    atomic_write_json(out / "manifest.json", man)
+    want = [(c_, s) for c_ in names for s in sev]
+    checked: set[tuple[str, int]] = set()  # parts found built and verified at the start
+    with locked(out / MANIFEST):
+        man = _read_manifest(out)
+        if man is not None:
+            old = {k: man.get(k) for k in ("params", "seed", "library")}
+            old["source_sha256"] = man.get("source", {}).get("sha256")
+            if old != settings:
+                diff = ", ".join(f"{k}: {old[k]!r} there, {settings[k]!r} now" for k in settings if old[k] != settings[k])
+                raise CorruptionSetError(f"{out} holds a corruption set built with other settings ({diff}); "
+                                         "choose a new out_dir or delete that folder")
+        else:
+            n, c, h, w = imgs.shape
+            man = {
+                "format": FORMAT,
+                "params": params,
+                "seed": seed,
+                "library": library_version(),
+                "small_image_policy": SMALL_IMAGE_POLICY,
+                "source": {"description": source or f"{n} images of shape {c}x{h}x{w}", "sha256": fingerprint},
+                "n": n,
+                "image_shape": [c, h, w],
+                "dtype": "uint8",
+                "layout": "NCHW",
+                "clean": {"file": "clean.npy"},
+                "labels": {"file": "labels.npy"},
+                "parts": {},
+            }
+        for key, arr in (("clean", imgs), ("labels", labs)):
+            path = out / man[key]["file"]
+            if not (path.exists() and man[key].get("sha256") == sha256_file(path)):
+                man[key]["sha256"] = _save_npy_atomic(path, arr)
+        # Requests of earlier (perhaps interrupted, perhaps concurrent) builds stay requested.
+        req = requested_parts(man) | set(want)
+        man["requested"] = {c_: sorted(s for n_, s in req if n_ == c_)
+                            for c_ in ALL_CORRUPTIONS if any(n_ == c_ for n_, _ in req)}
+        # A damaged, deleted or half-recorded part is no longer listed until it is rebuilt.
+        listed = {(c_, int(s)) for c_, v in man["parts"].items() for s in v}
+        for c_, s in sorted(req | listed):
+            if _part_done(out, man, c_, s):
+                checked.add((c_, s))
+            else:
+                _drop_part(man, c_, s)
+        _write_manifest(out, man, complete=False)
 
-    todo = [(c_, s) for c_ in names for s in sev if not _part_done(out, man, c_, s)]
-    for c_, s in todo:  # a damaged or half-recorded part is no longer listed until it is rebuilt
-        man["parts"].get(c_, {}).pop(str(s), None)
+    todo = [p for p in want if p not in checked]
     n = imgs.shape[0]
     chunk = max(1, min(256, _CHUNK_BYTES // max(1, imgs[0].nbytes)))
     tasks = [(c_, s, a, min(a + chunk, n), params, seed) for c_, s in todo for a in range(0, n, chunk)]
@@ -378,9 +446,11 @@ def build_corruption_set(
         bar.update(arr.shape[0])
         if slot[1] == 0:
             digest = _save_npy_atomic(out / part_file(corruption, severity), slot[0])
-            man["parts"].setdefault(corruption, {})[str(severity)] = {
-                "file": part_file(corruption, severity), "sha256": digest}
-            atomic_write_json(out / "manifest.json", man)
+            with locked(out / MANIFEST):  # re-read: other builds may have recorded parts since
+                current = _locked_manifest(out)
+                current["parts"].setdefault(corruption, {})[str(severity)] = {
+                    "file": part_file(corruption, severity), "sha256": digest}
+                _write_manifest(out, current, complete=False)
             del pending[(corruption, severity)]
 
     bar = tqdm(total=len(todo) * n, desc=f"corrupt ({params})", unit="img", disable=not progress)
@@ -402,24 +472,40 @@ def build_corruption_set(
     finally:
         np.random.set_state(state)
 
-    done = {c_: sorted(int(s) for s in man["parts"][c_]) for c_ in ALL_CORRUPTIONS if c_ in man["parts"]}
-    man["corruptions"] = list(done)
-    man["severities"] = sorted({s for v in done.values() for s in v})
-    man["complete"] = all(str(s) in man["parts"].get(c_, {}) for c_ in names for s in sev)
-    atomic_write_json(out / "manifest.json", man)
+    # Complete only once every requested part, also those other builds recorded, is verified
+    # (again: a file may have been replaced or removed since it was recorded).
+    with locked(out / MANIFEST):
+        man = _locked_manifest(out)
+        for c_, s in sorted(requested_parts(man)):
+            if not _part_done(out, man, c_, s):
+                _drop_part(man, c_, s)
+        _write_manifest(out, man, complete=True)
     return out
 
 
 # ---------------------------------------------------------------- read
 
-def load_corruption_set(set_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a corruption set folder (raises a one-line error if it is not one)."""
+def load_corruption_set(set_dir: str | Path, complete: bool = False) -> dict[str, Any]:
+    """The manifest of a corruption set folder (raises a one-line error if it is not one).
+
+    ``complete``: also raise unless the manifest says every requested part is built and
+    verified (what an evaluation needs, so that it never silently covers only some parts).
+    """
     set_dir = Path(set_dir)
     if not set_dir.is_dir():
         raise CorruptionSetError(f"corruption set folder {set_dir} does not exist; build it with `vitsam corrupt` (build_corruption_set)")
     man = _read_manifest(set_dir)
     if man is None:
         raise CorruptionSetError(f"{set_dir} has no manifest.json, so it is not a corruption set; build one with `vitsam corrupt` (build_corruption_set)")
+    if complete and not (man.get("complete") and man.get("parts")):
+        missing = missing_parts(man)
+        n_req = len(requested_parts(man))
+        what = (f"{len(missing)} of {n_req} requested parts are not built yet ("
+                + ", ".join(f"{c} {s}" for c, s in missing[:3]) + (", ..." if len(missing) > 3 else "") + ")"
+                if missing else "its last build ended before verifying the parts")
+        raise CorruptionSetError(f"corruption set {set_dir} is incomplete: {what}; re-run `vitsam corrupt "
+                                 f"--out {set_dir}` with the arguments that built it to finish it (or let a "
+                                 "build still running end), then evaluate")
     return man
 
 
@@ -445,14 +531,17 @@ def iter_corruption_set(
     corruptions: Iterable[str] | None = None,
     severities: Iterable[int] | None = None,
     verify: bool = True,
+    manifest: dict[str, Any] | None = None,
 ) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
     """Yield ``(corruption, severity, images uint8 (N, C, H, W), labels int64 (N,))`` per built part.
 
     Parts come in canonical corruption order, severities ascending; ``verify`` checks each
-    file's sha256 against the manifest first.
+    file's sha256 against the manifest first. ``manifest``: the set's manifest as already read
+    (``load_corruption_set``), so that the parts yielded are the ones it lists even if a build
+    adds parts meanwhile; read from ``set_dir`` when None.
     """
     set_dir = Path(set_dir)
-    man = load_corruption_set(set_dir)
+    man = load_corruption_set(set_dir) if manifest is None else manifest
     wanted = None if corruptions is None else set(corruption_names(corruptions))
     sev_wanted = None if severities is None else set(_check_severities(severities))
     labels = torch.from_numpy(_load_checked(set_dir, man["labels"], verify)).long()

@@ -103,13 +103,16 @@ def evaluate_corruptions(
     part), ``corruption_accuracy`` / ``corruption_error`` (mean over severities),
     ``mean_corruption_accuracy`` (over the standard corruptions present: the paper's
     ImageNet-C number), ``clean`` (the same images uncorrupted, if ``clean``), and the set's
-    ``params``, ``seed``, ``library`` and ``source``. Accuracies are fractions.
+    ``params``, ``seed``, ``library`` and ``source``. Accuracies are fractions. A set whose
+    manifest is not complete (a build interrupted or still running) is refused with a one-line
+    error rather than evaluated on the parts that happen to exist.
     """
-    man = load_corruption_set(corruption_dir)
+    man = load_corruption_set(corruption_dir, complete=True)
     parts: dict[str, dict[int, dict[str, Any]]] = {}
     n_parts = sum(len(v) for v in man["parts"].values())
     with tqdm(total=n_parts, desc="corruptions", unit="part", disable=not progress) as bar:
-        for corruption, severity, images, labels in iter_corruption_set(corruption_dir, verify=verify):
+        for corruption, severity, images, labels in iter_corruption_set(corruption_dir, verify=verify,
+                                                                        manifest=man):
             batches = uint8_batches(images, labels, batch_size, mean, std, img_size, device)
             parts.setdefault(corruption, {})[severity] = evaluate(model, batches, device)
             bar.update(1)
