@@ -5,3 +5,19 @@ import torch
 
 matplotlib.use("Agg")
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def study_dir(tmp_path_factory: pytest.TempPathFactory):
+    """One smoke-scale study folder: main (2 seeds), inside on main's cells, and sharpness."""
+    from vitsam.study.presets import get_study
+    from vitsam.study.runner import run_study
+
+    out = tmp_path_factory.mktemp("study")
+    run_study(get_study("main"), "smoke", out, seeds=(0, 1), progress=False)
+    run_study(get_study("inside"), "smoke", out, seeds=(0, 1), progress=False)
+    run_study(get_study("sharpness"), "smoke", out, seeds=(0,), progress=False)
+    return out

@@ -17,16 +17,6 @@ from vitsam.study.runner import StudyFailed, run_study
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder holding main (2 seeds), then inside on main's cells, and sharpness."""
-    out = tmp_path_factory.mktemp("study")
-    run_study(get_study("main"), "smoke", out, seeds=(0, 1), progress=False)
-    run_study(get_study("inside"), "smoke", out, seeds=(0, 1), progress=False)
-    run_study(get_study("sharpness"), "smoke", out, seeds=(0,), progress=False)
-    return out
-
-
 def _record(out: Path, name: str) -> dict:
     return json.loads((out / f"study-{name}.json").read_text())
 

@@ -50,6 +50,9 @@ def _cmd_study(args: argparse.Namespace) -> None:
 
     study = get_study(args.name)
     seeds = _seeds(args.seeds)
+    if args.only:  # `--only A B key=value`: the list stops at the first override
+        args.overrides = [*[o for o in args.only if "=" in o], *args.overrides]
+        args.only = [o for o in args.only if "=" not in o] or None
     if args.list:
         for c in study_cells(study, args.scale, seeds, args.overrides, args.only, args.data,
                              args.root):

@@ -77,20 +77,17 @@ def run_cell(cell: Cell, cfg: RunConfig, cell_dir: Path, stages: tuple[str, ...]
             train(resume=cell_dir, progress=progress)
         else:
             train(cfg, run_dir=cell_dir, progress=progress)
-    marker = read_marker(cell_dir) or {}
-    done = [s for s in marker.get("stages", []) if s in stages]
+    # Stages of other studies on this cell stay listed: the marker is the cell's, not a study's.
+    done = list((read_marker(cell_dir) or {}).get("stages", []))
+    info = {"name": cell.name, "fingerprint": fingerprint(cfg), "family": cell.family,
+            "method": cell.method, "seed": cell.seed, "fraction": cell.fraction}
     for stage in [s for s in todo if s != "train"]:
         STAGE_FUNCS[stage](cell_dir, settings, shared)
         done.append(stage)
         # The marker after each stage: an interruption repeats at most the stage in progress.
-        atomic_write_json(cell_dir / MARKER, {"name": cell.name, "fingerprint": fingerprint(cfg),
-                                              "stages": done, "family": cell.family,
-                                              "method": cell.method, "seed": cell.seed,
-                                              "fraction": cell.fraction})
-    atomic_write_json(cell_dir / MARKER, {"name": cell.name, "fingerprint": fingerprint(cfg),
-                                          "stages": done, "family": cell.family,
-                                          "method": cell.method, "seed": cell.seed,
-                                          "fraction": cell.fraction, "complete": True})
+        atomic_write_json(cell_dir / MARKER, {**info, "stages": done})
+    if not (cell_dir / MARKER).exists():  # a cell whose study has no stages
+        atomic_write_json(cell_dir / MARKER, {**info, "stages": done})
     return {"ran": todo, "seconds": time.perf_counter() - t0}
 
 
@@ -114,8 +111,9 @@ def _hessian(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) ->
 
 def augmented_hessian(cell_dir: Path, settings: StageSettings,
                       checkpoint: str = "last") -> dict[str, Any]:
-    """lambda_max on training batches as the run saw them (its augmentation; Mixup's soft
-    targets are replaced by the hard labels' cross-entropy), with their loss and accuracy."""
+    """lambda_max on pad-crop (+ flip where the source allows it) augmented training batches,
+    with their loss and accuracy: curvature off the exact training images, which a run that
+    memorised them (clean loss near 0, a collapsed Hessian) cannot hide."""
     from ..analysis import hessian
     from ..analysis.runner import plugin_config, public
     from ..data import build_data, train_batches
@@ -123,9 +121,9 @@ def augmented_hessian(cell_dir: Path, settings: StageSettings,
 
     run = load_run(cell_dir, checkpoint)
     bundle = build_data(run.data_config())
-    # Basic augmentation for every run: Mixup's soft targets have no single-label Hessian, and
-    # crop + flip is the augmentation the clean-vs-augmented comparison is about.
-    aug = "basic" if bundle.config.augment != "none" else "none"
+    # Basic augmentation for every run, also one trained without: Mixup's soft targets have no
+    # single-label Hessian, and the same perturbation for every cell keeps them comparable.
+    aug = "basic"
     batches = []
     for x, y in train_batches(bundle, min(settings.batch_size, len(bundle.train)), epoch=0,
                               seed=12345, augment=aug):
