@@ -58,6 +58,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     train_eval_samples: int = 10000  # clean train accuracy at the end on at most this many images
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tensorboard: bool = False  # also write TensorBoard scalars to <run>/tensorboard
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None = torch's default
 

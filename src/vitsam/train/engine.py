@@ -34,6 +34,7 @@ from ..optim.steps import StepConfig
 from ..optim.steps import train_step as optim_train_step
 from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint, resolve_checkpoint
 from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
+from .scalars import ScalarLog, check_tensorboard
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int, rounding: Callable[[Fraction], int]) -> int:
@@ -215,6 +216,7 @@ class Trainer:
     criterion: nn.Module
     step_cfg: StepConfig
     device: torch.device
+    log: ScalarLog | None = None  # set once the run folder exists
 
     @classmethod
     def build(cls, cfg: RunConfig) -> "Trainer":
@@ -262,6 +264,8 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
         cfg = replace(cfg, data=replace(cfg.data, root=root))
     if resume is None and run_dir is not None:
         _check_fresh(Path(run_dir))  # before building the data, which can take a while
+    if cfg.train.tensorboard:
+        check_tensorboard()
     tr = Trainer.build(cfg)
     tl, cfg_dict = tr.timeline, to_dict(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
@@ -272,6 +276,7 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
         step, wall_before = _restore(run_dir, tr, metrics_path, meter)
     else:
         atomic_write_json(run_dir / "config.json", cfg_dict)
+    tr.log = ScalarLog(run_dir, cfg.train.tensorboard, purge_step=step if resume else None)
     t0 = time.perf_counter() - wall_before
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
             not any(r.get("step") == step and "test_acc" in r for r in read_jsonl(metrics_path)):
@@ -286,6 +291,8 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     except DataError as exc:  # e.g. an unreadable image met mid-epoch: say how to go on
         raise DataError(f"{str(exc).splitlines()[0]}; then `vitsam train --resume {run_dir}` "
                         "continues from the last checkpoint") from exc
+    finally:
+        tr.log.close()
 
 
 def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, meter: _Meter,
@@ -305,7 +312,7 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
             meter.stop()  # what follows is not training time
             if is_time(step, tl.log_every, tl.total_steps):
                 rec = {**meter.flush(), "step": step, "epoch": step / tl.steps_per_epoch}
-                append_jsonl(metrics_path, rec)
+                tr.log.write(rec)
                 bar.set_postfix(epoch=f"{rec['epoch']:.2f}", loss=f"{rec['loss']:.3f}",
                                 acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
             # Checkpoint before evaluating: a failure or an interruption during evaluation
@@ -327,8 +334,8 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
 def _evaluate_into(metrics_path: Path, tr: Trainer, step: int) -> None:
     """Test loss and accuracy at ``step``, appended to the metrics log."""
     ev = evaluate(tr.model, tr.test_batches(), tr.device)
-    append_jsonl(metrics_path, {"step": step, "epoch": step / tr.timeline.steps_per_epoch,
-                                "test_loss": ev["nll"], "test_acc": ev["top1"]})
+    tr.log.write({"step": step, "epoch": step / tr.timeline.steps_per_epoch,
+                  "test_loss": ev["nll"], "test_acc": ev["top1"]})
 
 
 def _saved_config(run_dir: Path) -> RunConfig:
