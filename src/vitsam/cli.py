@@ -3,6 +3,7 @@ presets, demo."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -63,23 +64,32 @@ def _print_final(finals: list[dict[str, Any]]) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .config import apply_overrides
-    from .presets import get_preset
-    from .train.engine import train
+    from .study.presets import get_study
+    from .study.runner import run_study
+    from .study.tables import collect
+    from .study.reading import demo_reading
 
-    names = ["mnist-vit", "mnist-vit-sam", "mnist-resnet", "mnist-resnet-sam"]
+    study = get_study("demo")
     out = Path(args.out)
-    print(f"vitsam demo: {len(names)} runs on the embedded MNIST-5k digits "
-          f"(4,000 train / 1,000 test), results under {out}/")
-    finals = []
-    for name in names:
-        cfg = apply_overrides(get_preset(name, smoke_size=args.smoke),
-                              [f"out_dir={out}", *args.overrides])
-        finals.append(train(cfg, progress=not args.quiet))
-    _print_final(finals)
-    vit, vit_sam = finals[0]["run_dir"], finals[1]["run_dir"]
-    print(f"\nNext: compare the sharpness of the two ViTs and their class-token attention:\n"
-          f"  vitsam analyze {vit} {vit_sam} --hessian --landscape --attention")
+    print(f"vitsam demo: ViT and ResNet, each with and without SAM, on the embedded MNIST-5k "
+          f"digits (4,000 train / 1,000 test), {args.workers} at a time; results under {out}/")
+    record = run_study(study, "smoke" if args.smoke else "cpu", out, seeds=(0,),
+                       workers=args.workers, overrides=args.overrides, progress=not args.quiet,
+                       command="vitsam demo")
+    rows = collect(out, record)
+    print(f"\n{'run':<20} {'test acc':>9} {'train acc':>10} {'lambda_max':>11} {'(loss)':>8} "
+          f"{'time':>7} {'img/s':>6}  folder")
+    for r in rows:
+        final = json.loads((out / r["name"] / "final.json").read_text())
+        print(f"{r['name']:<20} {r['test_acc'] * 100:>8.2f}% {r['train_acc'] * 100:>9.2f}% "
+              f"{r.get('lambda_max', float('nan')):>11.4g} {r.get('lambda_max_loss', float('nan')):>8.4f} "
+              f"{final['wall_time_s']:>6.0f}s {final.get('train_images_per_s') or 0:>6.0f}  "
+              f"{out / r['name']}")
+    print("\n" + demo_reading(rows))
+    vit, vit_sam = (out / r["name"] for r in rows if r["family"] == "vit")
+    print(f"\nNext: the loss landscapes and class-token attention of the two ViTs, and a report:\n"
+          f"  vitsam analyze {vit} {vit_sam} --landscape --attention\n"
+          f"  vitsam report {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="ViT and ResNet, with and without SAM, on MNIST-5k")
     s.add_argument("--out", default="runs/demo", help="folder for the four runs")
     s.add_argument("--smoke", action="store_true", help="tiny sizes (seconds, for tests)")
+    s.add_argument("--workers", type=int, default=2, help="runs trained at once (default 2)")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("overrides", nargs="*", help="key=value applied to every run")
     s.set_defaults(func=_cmd_demo)
