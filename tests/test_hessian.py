@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -171,6 +172,12 @@ def test_func_backend_equals_double_backward(cases):
     torch.testing.assert_close(hv[1], hess @ v, rtol=1e-9, atol=1e-9)
 
 
+def rademacher_variance(hess: torch.Tensor) -> float:
+    """Exact variance of one Rademacher Hutchinson sample z^T H z: 2 sum_{i != j} H_ij^2."""
+    off = hess - torch.diag(torch.diag(hess))
+    return float(2 * (off**2).sum())
+
+
 @pytest.mark.parametrize("kind", ["mlp", "vit"])
 def test_trace_within_three_standard_errors(cases, kind):
     model, batches, _, hess = cases[kind]
@@ -178,6 +185,110 @@ def test_trace_within_three_standard_errors(cases, kind):
     exact = float(torch.trace(hess))
     assert res.probes == 150 and res.stderr > 0
     assert abs(res.estimate - exact) <= 3 * res.stderr
+    # The reported standard error is calibrated against the exact one of this Hessian.
+    true_se = math.sqrt(rademacher_variance(hess) / res.probes)
+    assert 0.75 * true_se <= res.stderr <= 1.25 * true_se
+    assert abs(res.estimate - exact) <= 4 * true_se
+
+
+class Quadratic(nn.Module):
+    """Every sample's loss is 0.5 w^T A w + b^T w, so the Hessian of the mean is exactly A."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("a", a)
+        self.w = nn.Parameter(torch.randn(a.shape[0], generator=g, dtype=a.dtype))
+        self.b = torch.randn(a.shape[0], generator=g, dtype=a.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = 0.5 * self.w @ (self.a @ self.w) + self.b @ self.w
+        return value.expand(x.shape[0], 1)
+
+
+def mean_output(out: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+    return out.mean()
+
+
+def quadratic(a: torch.Tensor):
+    """(model, batches) whose loss Hessian is a, checked against autograd's dense Hessian."""
+    model = Quadratic(a)
+    batches = [(torch.zeros(3, 1, dtype=a.dtype), torch.zeros(3, dtype=torch.long))]
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        return 0.5 * w @ (a @ w) + model.b @ w
+
+    dense = torch.autograd.functional.hessian(loss, model.w.detach())
+    torch.testing.assert_close(dense, a, rtol=0, atol=1e-12)
+    return model, batches
+
+
+def with_spectrum(values: list[float], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=g, dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ q.T
+
+
+def test_power_iteration_lists_by_value_and_says_what_it_found():
+    # Indefinite Hessian whose most negative eigenvalue dominates in magnitude.
+    a = with_spectrum([-13.0, 7.0, 2.0, 0.5])
+    model, batches = quadratic(a)
+    exact = torch.linalg.eigvalsh(a).flip(0).tolist()  # [7, 2, 0.5, -13]
+    one = H.top_eigenvalues(model, mean_output, batches, k=1, method="power", tol=1e-8,
+                            max_iter=2000, start="random")
+    assert one.eigenvalues == [pytest.approx(-13.0, rel=1e-6)]
+    assert one.selection == "largest_magnitude" and not one.lambda_max_is_largest
+    two = H.top_eigenvalues(model, mean_output, batches, k=2, method="power", tol=1e-8,
+                            max_iter=2000, start="random", return_eigenvectors=True)
+    # Found by magnitude (-13 first), listed by value: element 0 is the largest, 7.
+    np.testing.assert_allclose(two.eigenvalues, [7.0, -13.0], rtol=1e-6)
+    assert two.eigenvalues[0] == pytest.approx(exact[0], rel=1e-6) and two.lambda_max_is_largest
+    for lam, v in zip(two.eigenvalues, two.eigenvectors):  # vectors follow their values
+        assert float((a @ v - lam * v).norm()) <= 1e-5 * abs(lam)
+    lan = H.top_eigenvalues(model, mean_output, batches, k=2, tol=1e-8, start="random")
+    np.testing.assert_allclose(lan.eigenvalues, exact[:2], rtol=1e-6)
+    assert lan.selection == "largest_algebraic" and lan.lambda_max_is_largest
+
+
+def test_plugin_labels_lambda_max_when_negative_curvature_dominates(cases):
+    from vitsam.analysis.runner import summarize
+
+    model, batches, ev, _ = cases["vit"]
+    assert -ev[0] > ev[-1] and -ev[1] > ev[-1]  # the two largest magnitudes are negative
+    out = H.run(model, batches, H.HessianConfig(k=1, method="power", tol=1e-4, max_iter=500,
+                                                trace_probes=0))
+    assert out["lambda_max"] == out["top_eigenvalues"][0] == pytest.approx(float(ev[0]), rel=1e-3)
+    assert out["selection"] == "largest_magnitude" and out["lambda_max_is_largest"] is False
+    assert "largest may be missed" in summarize("hessian", out)
+    lan = H.run(model, batches, H.HessianConfig(k=1, tol=1e-4, trace_probes=0))
+    assert lan["lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-3)
+    assert lan["selection"] == "largest_algebraic" and lan["lambda_max_is_largest"] is True
+    assert "missed" not in summarize("hessian", lan)
+
+
+def test_trace_samples_and_standard_error_against_a_known_hessian():
+    # Diagonal-heavy A: its trace is sharp with 400 probes (a 15 % bias would be ~20 standard
+    # errors off), and every sample must be one of the 2^(P-1) values z^T A z.
+    g = torch.Generator().manual_seed(4)
+    p = 4
+    off = torch.rand(p, p, generator=g, dtype=torch.float64) * 0.3 - 0.15
+    a = (off + off.T).fill_diagonal_(0) + torch.diag(torch.tensor([3.0, -1.0, 5.0, 2.5],
+                                                                  dtype=torch.float64))
+    model, batches = quadratic(a)
+    signs = torch.tensor([[1.0] + [(-1.0) ** ((m >> i) & 1) for i in range(p - 1)]
+                          for m in range(2 ** (p - 1))], dtype=torch.float64)
+    possible = torch.einsum("ni,ij,nj->n", signs, a, signs)
+    res = H.trace(model, mean_output, batches, probes=400, seed=0)
+    samples = torch.tensor(res.samples, dtype=torch.float64)
+    assert res.probes == len(res.samples) == 400
+    gap = (samples[:, None] - possible[None, :]).abs().min(dim=1).values
+    assert float(gap.max()) <= 1e-10  # each sample is z^T A z for some z in {-1, 1}^P
+    assert res.estimate == pytest.approx(float(samples.mean()), rel=1e-12)
+    assert res.stderr == pytest.approx(float(samples.std() / math.sqrt(400)), rel=1e-12)
+    true_se = math.sqrt(rademacher_variance(a) / 400)
+    assert 0.75 * true_se <= res.stderr <= 1.25 * true_se
+    exact = float(torch.trace(a))
+    assert abs(res.estimate - exact) <= 4 * true_se < 0.05 * abs(exact)
 
 
 def test_spectral_density_quadrature_identities(cases):
@@ -194,6 +305,37 @@ def test_spectral_density_quadrature_identities(cases):
     assert integrate(density, grid) == pytest.approx(1.0, abs=1e-3)
     mean_node = np.mean([np.dot(n, w) for n, w in zip(dens.nodes, dens.weights)])
     assert integrate(grid * density, grid) == pytest.approx(mean_node, abs=1e-3)
+
+
+@pytest.mark.parametrize("steps", [2, 6])
+def test_density_moments_equal_the_start_vectors_moments(cases, steps):
+    # Gauss quadrature with m nodes is exact up to degree 2m - 1: for each run,
+    # sum_k w_k theta_k^j = z^T H^j z / (z^T z) with z that run's Rademacher start, j <= 3.
+    model, batches, _, hess = cases["mlp"]
+    size = hess.shape[0]
+    dens = H.spectral_density(model, CE, batches, steps=steps, runs=2, seed=5)
+    gen = torch.Generator().manual_seed(5)  # the documented start vectors, drawn in run order
+    for nodes, weights in zip(dens.nodes, dens.weights):
+        z = torch.randint(0, 2, (size,), generator=gen).to(torch.float64) * 2 - 1
+        theta, w = np.asarray(nodes), np.asarray(weights)
+        assert len(theta) == steps
+        hz = z.clone()
+        for j in range(4):
+            want = float(z @ hz) / float(z @ z)
+            assert float(np.sum(w * theta**j)) == pytest.approx(want, rel=1e-8, abs=1e-12), j
+            hz = hess @ hz
+
+
+def test_quadrature_moments_from_any_start_vector():
+    a = with_spectrum([-3.0, 0.5, 1.0, 2.0, 6.0], seed=2)
+    g = torch.Generator().manual_seed(9)
+    v0 = torch.randn(5, generator=g, dtype=torch.float64) * 3  # not unit, not Rademacher
+    theta, w = H.quadrature(lambda v: a @ v, v0, steps=3)
+    hv = v0.clone()
+    for j in range(6):  # exact up to degree 2 * 3 - 1 = 5
+        want = float(v0 @ hv) / float(v0 @ v0)
+        assert float(np.sum(w * theta**j)) == pytest.approx(want, rel=1e-9, abs=1e-12), j
+        hv = a @ hv
 
 
 def test_state_restored_after_every_analysis():

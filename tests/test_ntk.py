@@ -210,3 +210,91 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 def test_run_rejects_too_few_inputs():
     with pytest.raises(ValueError, match="num_inputs"):
         N.run(tiny_mlp(), [(inputs_for("mlp", 3), torch.zeros(3))], N.NTKConfig(num_inputs=1))
+
+
+def trained_resnet():
+    """A small resnet18-c whose every tensor moved away from its initial value, as training
+    moves it (BatchNorm affine weights and running statistics included)."""
+    from vitsam.models import build_from_spec, make_spec
+
+    spec = make_spec("resnet18-c", 3, 8, 1, {"width": 4})
+    torch.manual_seed(11)
+    model = build_from_spec(spec).double()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point():
+                t.add_(0.05 + 0.1 * torch.rand(t.shape, generator=g, dtype=t.dtype))
+            else:
+                t.add_(7)  # num_batches_tracked
+    return model.eval(), spec
+
+
+def fresh_build(spec, seed):
+    from vitsam.models import build_from_spec
+
+    torch.manual_seed(seed)
+    return build_from_spec(spec).double()
+
+
+def test_reinitialized_from_spec_is_a_fresh_build():
+    model, spec = trained_resnet()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = N.reinitialized(model, 3, spec)
+    want = fresh_build(spec, 3).state_dict()
+    got = fresh.state_dict()
+    assert set(got) == set(trained) and any("bn" in k for k in got)
+    for k, v in got.items():
+        assert not torch.equal(v, trained[k]), k  # nothing kept from training
+        assert torch.equal(v, want[k]), k  # exactly the zoo's initialisation under the seed
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    assert next(fresh.parameters()).dtype == torch.float64
+
+
+def test_reinitialized_without_spec_resets_every_tensor():
+    model, spec = trained_resnet()
+    trained = model.state_dict()
+    fresh = N.reinitialized(model, 3).state_dict()
+    want = fresh_build(spec, 3).state_dict()
+    for k, v in fresh.items():
+        assert not torch.equal(v, trained[k]), k
+        assert bool(torch.isfinite(v.double()).all()), k
+        if ".bn" in k or k.startswith("bn") or "downsample.1" in k:
+            assert torch.equal(v, want[k]), k  # BatchNorm's initial constants (zero_init_last too)
+
+
+def test_reinitialized_refuses_a_tensor_nothing_resets():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+            self.scale = nn.Parameter(torch.full((3,), 2.0))  # no reset_parameters covers it
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    with pytest.raises(ValueError, match="cannot re-initialise Scaled.*scale.*model spec"):
+        N.reinitialized(Scaled(), 0)
+
+
+def test_run_at_init_builds_from_the_model_spec():
+    model, spec = trained_resnet()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cfg = N.NTKConfig(num_inputs=5, seeds=(0, 1), chunk=5, model_spec=spec)
+    out = N.run(model, [(x, torch.zeros(5, dtype=torch.long))], cfg)
+    want = [N.ntk_condition_number(fresh_build(spec, s), x).kappa for s in (0, 1)]
+    np.testing.assert_allclose(out["at_init"]["kappas"], want, rtol=1e-10)
+    assert out["at_init"]["init"] == "built anew from the model spec"
+    json.dumps(out)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(convention="foo"), "unknown NTK convention 'foo'"),
+    (dict(num_inputs=1), "num_inputs must be"),
+    (dict(chunk=0), "chunk must be"),
+    (dict(seeds=(0, "a")), "seeds must be a list of integers"),
+    (dict(max_memory_mb=0), "max_memory_mb must be > 0"),
+])
+def test_config_rejects_bad_settings_when_given(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        N.NTKConfig(**kwargs)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vitsam.models.attention import attention_modules, capture_attention
+from vitsam.models.modes import eval_mode
 
 Batch = tuple[Tensor, Tensor]
 
@@ -228,13 +229,11 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: AttentionConfig = Attentio
     if reason:
         return {"supported": False, "reason": reason, "settings": asdict(cfg)}
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     xs: list[Tensor] = []
     ent_sum: Tensor | None = None
     ent_roll_sum, n_img = 0.0, 0
     layout = None
-    try:
+    with eval_mode(model):
         for bi, item in enumerate(tqdm(data, desc="attention", disable=None)):
             if cfg.max_batches is not None and bi >= cfg.max_batches:
                 break
@@ -263,8 +262,6 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: AttentionConfig = Attentio
             idx = torch.randperm(len(images), generator=gen)[: cfg.num_images].sort().values
         chosen = images[idx]
         _, attn = capture(model, chosen.to(device))
-    finally:
-        model.train(was_training)
 
     p, has_cls, grid = layout
     heads = attn[-1].shape[1]

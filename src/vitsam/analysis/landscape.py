@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
+from ..models.modes import eval_mode
 
 Batch = tuple[Tensor, Tensor]
 
@@ -245,13 +246,11 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = Landscap
     fingerprint = _fingerprint(cfg, [p.detach() for p in params], batches) if state_path else ""
     rows = _load_state(state_path, fingerprint) if state_path else {"loss": [], "accuracy": []}
 
-    was_training = model.training
     w0 = [p.detach().clone() for p in params]
-    model.eval()
     total = len(xs) * len(ys)
     bar = tqdm(total=total, initial=len(rows["loss"]) * len(ys), desc="landscape", disable=None)
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             center = evaluate(model, batches)
             for i in range(len(rows["loss"]), len(xs)):
                 row_loss, row_acc = [], []
@@ -274,7 +273,6 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = Landscap
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, w0)
-        model.train(was_training)
         bar.close()
 
     loss, acc = rows["loss"], rows["accuracy"]

@@ -23,14 +23,14 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vitsam.analysis.hessian import analysis_state
+from vitsam.analysis.state import analysis_state
 
 CONVENTIONS = ("sum-logits", "trace", "full")
 
@@ -263,28 +263,71 @@ def ntk_at_init(
     }
 
 
-def reinitialized(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` with fresh initial weights drawn under ``seed``.
+def reinitialized(model: nn.Module, seed: int, spec: dict[str, Any] | None = None) -> nn.Module:
+    """A freshly initialised model of ``model``'s architecture, drawn under ``seed``.
 
-    Uses the model's own ``init_weights()`` when it has one (timm ViT, Mixer, ResNet, ResNetV2
-    do), otherwise ``reset_parameters()`` of every submodule; normalisation running statistics
-    are reset too. The global RNG state is restored afterwards.
+    spec: the model spec (``vitsam.models.make_spec``) the model was built from. The model is
+    then built anew by the zoo right after ``torch.manual_seed(seed)``, exactly as training
+    builds it, so every parameter and buffer is at its initial value (seed = the run's seed
+    gives the run's own initial weights). Without a spec, a copy of ``model`` has every
+    floating parameter and buffer set to NaN, then ``reset_parameters()`` of every module
+    (normalisation layers reset their affine weights and running statistics) and the model's
+    own ``init_weights()`` (timm's family-specific init, last, as at construction) draw new
+    values; any tensor still holding a NaN was not re-initialised, and a ValueError names it.
+    The result is on ``model``'s device and dtype; the global RNG state is restored afterwards.
     """
-    fresh = copy.deepcopy(model)
     saved = torch.get_rng_state()
     try:
         torch.manual_seed(seed)
-        if callable(getattr(fresh, "init_weights", None)):
-            fresh.init_weights()
-        else:
-            for m in fresh.modules():
-                if callable(getattr(m, "reset_parameters", None)):
-                    m.reset_parameters()
-        for m in fresh.modules():
-            if callable(getattr(m, "reset_running_stats", None)):
-                m.reset_running_stats()
+        fresh = _built(model, spec) if spec is not None else _reset_copy(model)
     finally:
         torch.set_rng_state(saved)
+    return fresh
+
+
+def _floating(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_floating_point()]
+
+
+def _built(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    from vitsam.models import build_from_spec
+
+    first = next(iter(_floating(model)), None)
+    fresh = build_from_spec(spec)
+    if first is not None:
+        fresh = fresh.to(device=first[1].device, dtype=first[1].dtype)
+    want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    got = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise ValueError(f"model spec {spec.get('name')!r} does not describe this model "
+                         f"(tensors differ: {', '.join(n for n, _ in diff)}); pass the spec the "
+                         "model was built from")
+    modes = {n: m.training for n, m in model.named_modules()}
+    for n, m in fresh.named_modules():  # each module's own mode, as in the copy route
+        m.training = modes.get(n, model.training)
+    return fresh
+
+
+def _reset_copy(model: nn.Module) -> nn.Module:
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for _, t in _floating(fresh):
+            t.fill_(math.nan)
+        for m in fresh.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+            if callable(getattr(m, "reset_running_stats", None)):
+                m.reset_running_stats()
+        if callable(getattr(fresh, "init_weights", None)):
+            fresh.init_weights()
+        kept = [n for n, t in _floating(fresh) if bool(torch.isnan(t).any())]
+    if kept:
+        more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+        raise ValueError(f"cannot re-initialise {type(model).__name__}: no reset_parameters() or "
+                         f"init_weights() sets {', '.join(kept[:3])}{more}; pass the model spec "
+                         "so the model is built anew")
     return fresh
 
 
@@ -295,13 +338,38 @@ def reinitialized(model: nn.Module, seed: int) -> nn.Module:
 class NTKConfig:
     """Settings of the NTK analysis: kernel on the first ``num_inputs`` inputs of the data,
     ``convention`` as in the module docstring, and, when ``seeds`` is non-empty, the same
-    architecture re-initialised under each seed (the paper's at-initialisation number)."""
+    architecture freshly initialised under each seed (the paper's at-initialisation number).
+    Jacobian rows ``chunk`` inputs at a time, at most ``max_memory_mb`` of them stored."""
 
     num_inputs: int = 128
     convention: str = "sum-logits"
     seeds: tuple[int, ...] = (0, 1, 2)
     chunk: int = 16
     max_memory_mb: float = 2048.0
+    # The spec the model was built from (the runner fills it from the run folder): the
+    # at-initialisation models are then built anew by the zoo (see ``reinitialized``).
+    model_spec: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        # Every setting is checked when given, before any analysis of a run starts.
+        if not (isinstance(self.num_inputs, int) and self.num_inputs >= 2):
+            raise ValueError(f"num_inputs must be an integer >= 2 for a condition number, "
+                             f"got {self.num_inputs!r}")
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"unknown NTK convention {self.convention!r}; choose one of "
+                             f"{', '.join(CONVENTIONS)}")
+        seeds = self.seeds
+        if not (isinstance(seeds, (tuple, list)) and all(isinstance(s, int) for s in seeds)):
+            raise ValueError(f"seeds must be a list of integers (empty: skip the at-init "
+                             f"kappa), got {seeds!r}")
+        object.__setattr__(self, "seeds", tuple(seeds))
+        if not (isinstance(self.chunk, int) and self.chunk >= 1):
+            raise ValueError(f"chunk must be a positive integer, got {self.chunk!r}")
+        if not (isinstance(self.max_memory_mb, (int, float)) and self.max_memory_mb > 0):
+            raise ValueError(f"max_memory_mb must be > 0, got {self.max_memory_mb!r}")
+        if self.model_spec is not None and not (isinstance(self.model_spec, dict)
+                                                and "name" in self.model_spec):
+            raise ValueError("model_spec must be a model spec dict (with 'name') or none")
 
 
 def _first_inputs(data: Iterable, n: int) -> torch.Tensor:
@@ -318,20 +386,22 @@ def _first_inputs(data: Iterable, n: int) -> torch.Tensor:
 
 
 def run(model: nn.Module, data: Iterable, cfg: NTKConfig = NTKConfig()) -> dict:
-    """kappa of ``model`` (as given) and, over ``cfg.seeds``, of its re-initialised copies.
+    """kappa of ``model`` (as given) and, over ``cfg.seeds``, of freshly initialised models of
+    its architecture (``reinitialized``; built anew from ``cfg.model_spec`` when given).
 
     data: iterable of (x (B, C, H, W) normalised float, y) batches; the first
     ``cfg.num_inputs`` inputs are used (fewer if the data is smaller). JSON-serialisable.
     """
-    if cfg.num_inputs < 2:
-        raise ValueError(f"num_inputs must be >= 2 for a condition number, got {cfg.num_inputs}")
     inputs = _first_inputs(data, cfg.num_inputs)
     res = ntk_condition_number(model, inputs, cfg.convention, cfg.chunk, cfg.max_memory_mb,
                                progress=None)
     out: dict = {"analysis": "ntk", "config": asdict(cfg), **res.to_dict()}
     if cfg.seeds:
-        out["at_init"] = ntk_at_init(lambda s: reinitialized(model, s), inputs, cfg.seeds,
-                                     cfg.convention, cfg.chunk, cfg.max_memory_mb, progress=None)
+        out["at_init"] = ntk_at_init(lambda s: reinitialized(model, s, cfg.model_spec), inputs,
+                                     cfg.seeds, cfg.convention, cfg.chunk, cfg.max_memory_mb,
+                                     progress=None)
+        out["at_init"]["init"] = ("built anew from the model spec" if cfg.model_spec is not None
+                                  else "every module reset, then the model's init_weights()")
     return out
 
 

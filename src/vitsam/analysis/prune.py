@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from vitsam.analysis.sparsity import UnitStats, batch_inputs, record_units
 from vitsam.models import count_params
 from vitsam.models.attention import math_attention
+from vitsam.models.modes import eval_mode, restore_modes
 from vitsam.models.surgery import mlp_hidden_sizes, mlp_modules, shrink_mlp
 
 CRITERIA = ("frequency", "contribution")
@@ -79,15 +80,11 @@ def calibrate(model: nn.Module, batches: Sequence[Any], progress: bool | None = 
     if not mlp_modules(model):
         raise PruneError(f"{type(model).__name__} has no timm-style MLPs (fc1/act/fc2); only "
                          "ViT and Mixer MLP units can be pruned")
-    was_training, device = model.training, _param_device(model)
-    model.eval()
+    device = _param_device(model)
     logits: list[torch.Tensor] = []
-    try:
-        with record_units(model) as stats:
-            for batch in tqdm(batches, desc="calibrate", disable=_bar_off(progress)):
-                logits.append(model(batch_inputs(batch).to(device)).float().cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), record_units(model) as stats:
+        for batch in tqdm(batches, desc="calibrate", disable=_bar_off(progress)):
+            logits.append(model(batch_inputs(batch).to(device)).float().cpu())
     if not logits:
         raise PruneError("the calibration set is empty; give at least one batch")
     return {name.removesuffix(".act"): st for name, st in stats.items()}, logits
@@ -149,14 +146,9 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int) -> int:
     its matrix products are counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
     x = torch.zeros(1, in_chans, img_size, img_size, device=_param_device(model))
-    try:
-        with math_attention(model), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), math_attention(model), FlopCounterMode(display=False) as counter:
+        model(x)
     return int(counter.get_total_flops())
 
 
@@ -164,15 +156,14 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int) -> int:
 def _logit_change(model: nn.Module, batches: Sequence[Any], ref: list[torch.Tensor]
                   ) -> tuple[float, float]:
     """(largest |logit - ref|, fraction of images whose argmax is unchanged)."""
-    was_training, device = model.training, _param_device(model)
-    model.eval()
+    device = _param_device(model)
     worst, same, n = 0.0, 0, 0
-    for batch, r in zip(batches, ref):
-        out = model(batch_inputs(batch).to(device)).float().cpu()
-        worst = max(worst, float((out - r).abs().max()))
-        same += int((out.argmax(1) == r.argmax(1)).sum())
-        n += r.shape[0]
-    model.train(was_training)
+    with eval_mode(model):
+        for batch, r in zip(batches, ref):
+            out = model(batch_inputs(batch).to(device)).float().cpu()
+            worst = max(worst, float((out - r).abs().max()))
+            same += int((out.argmax(1) == r.argmax(1)).sum())
+            n += r.shape[0]
     return worst, same / max(n, 1)
 
 
@@ -212,15 +203,13 @@ def prune_model(model: nn.Module, calib_batches: Iterable[Any], ratio: float | N
 
 
 def _accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
-    was_training, device = model.training, _param_device(model)
-    model.eval()
+    device = _param_device(model)
     correct = n = 0
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for x, y in batches:
             pred = model(x.to(device)).argmax(1).cpu()
             correct += int((pred == y.cpu()).sum())
             n += int(y.numel())
-    model.train(was_training)
     if n == 0:
         raise PruneError("the evaluation set is empty; give at least one (x, y) batch")
     return correct / n
@@ -300,11 +289,9 @@ def figures(curves: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> l
 def _compare(full: nn.Module, pruned: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
     """Test accuracy of both models, their argmax agreement and largest logit change, one pass."""
     dev_f, dev_p = _param_device(full), _param_device(pruned)
-    full.eval()
-    pruned.eval()
     c_full = c_pruned = same = n = 0
     worst = 0.0
-    with torch.no_grad():
+    with eval_mode(full, pruned), torch.no_grad():
         for x, y in batches:
             a = full(x.to(dev_f)).float().cpu()
             b = pruned(x.to(dev_p)).float().cpu()
@@ -321,30 +308,32 @@ def _compare(full: nn.Module, pruned: nn.Module, batches: Iterable[Any]) -> dict
 
 def _finetune(model: nn.Module, bundle: Any, steps: int, batch_size: int, lr: float, seed: int,
               device: str | torch.device, progress: bool | None) -> list[float]:
-    """A few AdamW steps on the training set (its usual augmentation); returns the losses."""
+    """A few AdamW steps on the training set (its usual augmentation) in train mode; every
+    module's mode is restored afterwards. Returns the losses."""
     from vitsam.data import train_batches
 
     batch_size = min(batch_size, len(bundle.train))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
     losses: list[float] = []
     bar = tqdm(total=steps, desc="fine-tune", disable=_bar_off(progress))
     epoch = 0
-    while len(losses) < steps:
-        for x, y in train_batches(bundle, batch_size, epoch=epoch, seed=seed, device=device):
-            # Mixup gives soft targets (B, classes); cross_entropy takes them as probabilities.
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            bar.update(1)
-            if len(losses) >= steps:
-                break
-        epoch += 1
+    with restore_modes(model):
+        model.train()
+        while len(losses) < steps:
+            for x, y in train_batches(bundle, batch_size, epoch=epoch, seed=seed, device=device):
+                # Mixup gives soft targets (B, classes); cross_entropy takes them as
+                # probabilities.
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                losses.append(loss.item())
+                bar.update(1)
+                if len(losses) >= steps:
+                    break
+            epoch += 1
     bar.close()
-    model.eval()
     return losses
 
 

@@ -87,7 +87,8 @@ def sample_batches(tensors: Any, mean: Any, std: Any, img_size: int, n: int, bat
 def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[str, Any]:
     """Run the requested analyses on one run folder; returns ``{name: entry}``.
 
-    Every setting is checked before any work starts, and each finished analysis is written to
+    Every setting of every requested analysis is checked before the first one starts (a bad
+    setting of the last analysis writes nothing), and each finished analysis is written to
     ``analysis.json`` at once, so a later failure never loses an earlier result.
     """
     for s in req.settings:
@@ -103,13 +104,15 @@ def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[st
         plugin_config(name, req.settings, progress=progress)
     run = load_run(run_dir, req.checkpoint, device=req.device)
     bundle = build_data(run.data_config())
+    # The final configs (with the run's statistics and model spec) before any analysis runs.
+    configs = {name: plugin_config(name, req.settings, mean=bundle.mean, std=bundle.std,
+                                   model_spec=run.model_spec, progress=progress)
+               for name in req.names}
     out: dict[str, Any] = {}
-    for name in req.names:
+    for name, cfg in configs.items():
         split = bundle.train if ANALYSES[name][1] == "train" else bundle.test
         data = sample_batches(split, bundle.mean, bundle.std, bundle.img_size,
                               req.batches * req.batch_size, req.batch_size, req.seed, req.device)
-        cfg = plugin_config(name, req.settings, mean=bundle.mean, std=bundle.std,
-                            progress=progress)
         t0 = time.perf_counter()
         try:
             result = plugin(name).run(run.model, data, cfg)
@@ -120,6 +123,14 @@ def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[st
                      "time_s": time.perf_counter() - t0}
         save(Path(run_dir), {name: out[name]})
     return out
+
+
+def applicable(result: dict[str, Any]) -> bool:
+    """False for a result that says the analysis does not apply to the model (e.g. attention
+    maps of a ResNet); such results are saved and summarised but have nothing to draw."""
+    return result.get("supported") is not False
+
+
 def public(result: dict[str, Any]) -> dict[str, Any]:
     """A result without its ``_`` keys (arrays kept only for figures)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
@@ -134,9 +145,14 @@ def save(run_dir: Path, entries: dict[str, Any]) -> Path:
 
 
 def draw(name: str, labelled: list[tuple[str, dict[str, Any]]], out_dir: Path) -> list[Path]:
-    """Figures of one analysis for one run or several runs overlaid / side by side."""
+    """Figures of one analysis for one run or several runs overlaid / side by side.
+
+    Runs whose result is not applicable (``applicable``) are left out; with none left nothing
+    is drawn.
+    """
     fig = getattr(plugin(name), "figures", None)
-    if fig is None:
+    labelled = [(label, r) for label, r in labelled if applicable(r)]
+    if fig is None or not labelled:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     arg: Any = labelled[0][1] if len(labelled) == 1 else labelled
@@ -145,10 +161,12 @@ def draw(name: str, labelled: list[tuple[str, dict[str, Any]]], out_dir: Path) -
 
 def summarize(name: str, r: dict[str, Any]) -> str:
     """One line of the headline numbers of a result, for the terminal."""
-    if r.get("supported") is False:
+    if not applicable(r):
         return f"not applicable: {r.get('reason', '')}"
     if name == "hessian":
         line = f"lambda_max={r['lambda_max']:.4g}"
+        if r.get("lambda_max_is_largest") is False:
+            line += " (all found eigenvalues negative: the largest may be missed; use lanczos)"
         if len(r.get("top_eigenvalues", [])) > 1:
             line += " top=" + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"])
         if "trace" in r:
@@ -164,14 +182,17 @@ def summarize(name: str, r: dict[str, Any]) -> str:
     if name == "landscape":
         flat = [v for row in (r["loss"] if isinstance(r["loss"][0], list) else [r["loss"]])
                 for v in row if v is not None]
+        worst = f"{max(flat):.4g}" if flat else "not finite anywhere"
         return (f"centre loss={r['center_loss']:.4f} acc={r['center_accuracy']:.3f}; "
-                f"max loss on grid={max(flat):.4g}")
+                f"max loss on grid={worst}")
     if name == "sparsity":
         return "; ".join(f"{k}: {v['ever_active_pct']:.1f}% ever active, "
                          f"{v['mean_active_pct_per_image']:.1f}% per image"
                          for k, v in r["by_kind"].items())
     if name == "attention":
         per_block = ", ".join(f"{v:.3f}" for v in r["entropy_per_block"])
-        return (f"class-token entropy per block (nats, max {r['max_entropy']:.3f}): {per_block}; "
-                f"rollout {r.get('entropy_rollout', float('nan')):.3f}")
+        line = f"class-token entropy per block (nats, max {r['max_entropy']:.3f}): {per_block}"
+        if r.get("entropy_rollout") is not None:  # None when rollout=false
+            line += f"; rollout {r['entropy_rollout']:.3f}"
+        return line
     return ""

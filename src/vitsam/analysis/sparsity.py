@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitsam.models.modes import eval_mode
 from vitsam.models.surgery import mlp_modules
 
 KIND_ORDER = ("mlp", "token", "channel", "relu")
@@ -187,18 +188,13 @@ def run(model: nn.Module, data: Iterable[Any], cfg: SparsityConfig | None = None
     mean_active_pct_per_image}}, "by_kind": {kind: mean over its layers}}``; percentages 0-100.
     """
     cfg = cfg or SparsityConfig()
-    was_training = model.training
     device = next(model.parameters()).device
-    model.eval()
-    try:
-        with torch.no_grad(), record_units(model, cfg.threshold) as stats:
-            bar = tqdm(data, desc="sparsity", total=cfg.max_batches, disable=not cfg.progress)
-            for i, batch in enumerate(bar):
-                if cfg.max_batches is not None and i >= cfg.max_batches:
-                    break
-                model(batch_inputs(batch).to(device))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), record_units(model, cfg.threshold) as stats:
+        bar = tqdm(data, desc="sparsity", total=cfg.max_batches, disable=not cfg.progress)
+        for i, batch in enumerate(bar):
+            if cfg.max_batches is not None and i >= cfg.max_batches:
+                break
+            model(batch_inputs(batch).to(device))
     if not stats:
         raise SparsityError("no batches were seen; give at least one (x, y) batch")
     layers = {name: st.summary() for name, st in stats.items()}

@@ -21,6 +21,8 @@ from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .modes import eval_mode
+
 
 class ModelError(ValueError):
     """An unknown model name or arguments that do not fit the model."""
@@ -200,10 +202,8 @@ def check_forward(model: nn.Module, name: str, num_classes: int, img_size: int,
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(torch.zeros(2, in_chans, img_size, img_size, device=device))
     except _BUILD_ERRORS as exc:
         native = MODELS[name].img_size if name in MODELS else \
@@ -212,8 +212,6 @@ def check_forward(model: nn.Module, name: str, num_classes: int, img_size: int,
         raise ModelError(f"model {name!r} cannot take {in_chans}-channel {img_size}px images"
                          f"{hint}: {_first_line(exc)}; set data.img_size to a size it accepts "
                          "or choose another model") from None
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"model {name!r} returns {got} for a batch of 2 images, not logits "

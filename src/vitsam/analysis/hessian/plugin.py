@@ -1,0 +1,134 @@
+"""The Hessian analysis plug-in of ``vitsam analyze``: settings, ``run`` and ``figures``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from torch import nn
+
+from vitsam.analysis.state import analysis_state
+
+from .density import check_density, plot_density, spectral_density
+from .eigen import _validate, top_eigenvalues
+from .hutchinson import trace
+from .operator import BACKENDS, Batch, HessianOperator, _check_batches
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """Settings of the Hessian analysis (loss: cross-entropy on the given batches).
+
+    k eigenvalues by ``method`` (``"lanczos"``: the k largest; ``"power"``: the k largest in
+    magnitude) to tolerance ``tol`` under the ``stop`` test (``"residual"`` or ``"change"``,
+    see ``top_eigenvalues``) within ``max_iter`` HVPs;
+    ``trace_probes`` Hutchinson probes (0 skips the trace); ``density`` runs SLQ with
+    ``density_steps`` Lanczos steps; ``train_mode`` uses batch statistics in normalisation.
+    """
+
+    k: int = 1
+    method: str = "lanczos"
+    tol: float = 1e-3
+    stop: str = "residual"
+    max_iter: int = 100
+    trace_probes: int = 20
+    density: bool = False
+    density_steps: int = 80
+    train_mode: bool = False
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Every setting is checked when given, before a run and its data are loaded and before
+        # any analysis starts (a bad density setting must not cost the eigenvalues first).
+        _validate(self.k, self.tol, self.max_iter, self.method, self.stop)
+        if not (isinstance(self.trace_probes, int) and (self.trace_probes == 0
+                                                        or self.trace_probes >= 2)):
+            raise ValueError(f"trace_probes must be 0 (skip) or an integer >= 2 (a standard "
+                             f"error needs two), got {self.trace_probes!r}")
+        check_density(self.density_steps)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown HVP backend {self.backend!r}; choose one of {BACKENDS}")
+        if self.backend == "func" and self.train_mode:
+            raise ValueError("backend='func' cannot run train-mode statistics; use "
+                             "backend='autograd' or 'auto'")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+def run(model: nn.Module, data: Iterable[Batch], cfg: HessianConfig = HessianConfig()) -> dict:
+    """Top eigenvalues (and trace, density) of the cross-entropy Hessian over all of ``data``.
+
+    data: list of (x (B, C, H, W) normalised float, y (B,) int64) batches, treated as one
+    dataset. Returns a JSON-serialisable dict with the settings next to the numbers:
+    ``top_eigenvalues`` sorted by value, largest first, ``selection`` naming which k they are
+    (``"largest_algebraic"`` or ``"largest_magnitude"``), ``lambda_max`` (the largest of them)
+    and ``lambda_max_is_largest`` (whether it is known to be the Hessian's largest eigenvalue).
+    """
+    batches = _check_batches(data)
+    loss_fn = nn.CrossEntropyLoss()
+    common = dict(backend=cfg.backend, train_mode=cfg.train_mode, seed=cfg.seed)
+    eig = top_eigenvalues(model, loss_fn, batches, k=cfg.k, method=cfg.method, tol=cfg.tol,
+                          stop=cfg.stop, max_iter=cfg.max_iter, progress=None, **common)
+    with analysis_state(model, cfg.train_mode):
+        op = HessianOperator(model, loss_fn, batches, "autograd", cache_graph=False)
+        loss = op.loss()
+    out: dict = {
+        "analysis": "hessian",
+        "config": asdict(cfg),
+        "loss_fn": "cross_entropy(mean)",
+        "num_samples": op.num_samples,
+        "num_params": op.size,
+        "loss": loss,
+        "top_eigenvalues": eig.eigenvalues,  # sorted by value, largest first
+        "selection": eig.selection,  # which k: largest_algebraic (lanczos) / _magnitude (power)
+        "lambda_max": eig.eigenvalues[0],  # the largest eigenvalue found
+        "lambda_max_is_largest": eig.lambda_max_is_largest,
+        "residuals": eig.residuals,
+        "converged": eig.converged,
+        "num_hvps": eig.num_hvps,
+        "backend": eig.backend,
+        "seconds": eig.seconds,
+    }
+    if cfg.trace_probes > 0:
+        tr = trace(model, loss_fn, batches, probes=cfg.trace_probes, progress=None, **common)
+        out["trace"] = {"estimate": tr.estimate, "stderr": tr.stderr, "probes": tr.probes,
+                        "probe_distribution": "rademacher"}
+    if cfg.density:
+        dens = spectral_density(model, loss_fn, batches, steps=cfg.density_steps,
+                                progress=None, **common)
+        out["density"] = asdict(dens)
+    return out
+
+
+def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> list[Path]:
+    """Spectral density (if computed) and top-eigenvalue plots; a list of (label, result)
+    overlays several runs. Returns the written PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [("", results)] if isinstance(results, dict) else list(results)
+    out_dir = Path(out_dir)
+    paths: list[Path] = []
+    with_density = [(lab, r["density"]) for lab, r in runs if "density" in r]
+    if with_density:
+        paths.append(plot_density(with_density, out_dir / "hessian_density.png"))
+    fig, ax = plt.subplots(figsize=(5.0, 3.5))
+    for i, (lab, r) in enumerate(runs):
+        vals = r["top_eigenvalues"]
+        ax.plot(range(1, len(vals) + 1), vals, "o-", label=lab or None)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("Hessian eigenvalue")
+    ax.set_yscale("symlog")
+    ax.set_title("Top Hessian eigenvalues")
+    if any(lab for lab, _ in runs):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = out_dir / "hessian_top_eigenvalues.png"
+    fig.savefig(p, dpi=130)
+    plt.close(fig)
+    paths.append(p)
+    return paths
