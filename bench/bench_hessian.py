@@ -69,7 +69,7 @@ def build_model(name: str, seed: int = 0, num_classes: int = 10) -> nn.Module:
 
 def find_cifar() -> Path | None:
     here = Path(__file__).resolve().parent.parent
-    for root in (here.parent / "shared", Path("/work/shared")):
+    for root in (here.parent / "shared", Path.cwd().parent / "shared"):
         p = root / "data" / "cifar10-jpeg.tar.gz"
         if p.exists():
             return p

@@ -233,3 +233,47 @@ def test_cifar_c_table_lengths():
         assert name in C.ALL_CORRUPTIONS
     for table in (cifar_c.GAUSSIAN_NOISE, cifar_c.SNOW, cifar_c.SPATTER, cifar_c.ELASTIC, cifar_c.FROST):
         assert len(table) == 5
+
+
+def test_cifar_c_constants_are_the_published_ones():
+    # Every constant of Hendrycks & Dietterich's CIFAR-10-C generation script (make_cifar_c.py in
+    # github.com/hendrycks/robustness, ImageNet-C/create_c), written out here from that script.
+    published = {
+        "GAUSSIAN_NOISE": [0.04, 0.06, .08, .09, .10],
+        "SHOT_NOISE": [500, 250, 100, 75, 50],
+        "IMPULSE_NOISE": [.01, .02, .03, .05, .07],
+        "SPECKLE_NOISE": [.06, .1, .12, .16, .2],
+        "GAUSSIAN_BLUR": [.4, .6, 0.7, .8, 1],
+        "GLASS_BLUR": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
+        "DEFOCUS_BLUR": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+        "MOTION_BLUR": [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
+        "FOG": [(.2, 3), (.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
+        "FROST": [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)],
+        "SNOW": [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+                 (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+                 (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)],
+        "SPATTER": [(0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
+                    (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)],
+        "CONTRAST": [.75, .5, .4, .3, 0.15],
+        "BRIGHTNESS": [.05, .1, .15, .2, .3],
+        "SATURATE": [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
+        "JPEG_QUALITY": [80, 65, 58, 50, 40],
+        "PIXELATE": [0.95, 0.9, 0.85, 0.75, 0.65],
+        # the script writes IMSIZE * fraction with IMSIZE = 32; the module keeps the fractions
+        "ELASTIC": [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)],
+    }
+    for name, values in published.items():
+        table = getattr(cifar_c, name)
+        assert len(table) == 5, name
+        for severity, (got, want) in enumerate(zip(table, values), start=1):
+            got_t = tuple(got) if isinstance(got, tuple) else (got,)
+            want_t = tuple(want) if isinstance(want, tuple) else (want,)
+            assert len(got_t) == len(want_t) and all(g == w for g, w in zip(got_t, want_t)), (name, severity)
+    # zoom blur: np.arange(1, top, 0.01) with tops 1.06 ... 1.26
+    assert tuple(cifar_c.ZOOM_BLUR_MAX) == (1.06, 1.11, 1.16, 1.21, 1.26)
+    # frost: one of the first five textures (np.random.randint(5)), shrunk to 0.2 at 32 px
+    assert cifar_c.FROST_FILES == ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
+    assert cifar_c.CIFAR_SIDE == 32 and cifar_c.FROST_SCALE == 0.2
+    # nothing left unchecked: every table of the module is one of those above
+    tables = {n for n, v in vars(cifar_c).items() if n.isupper() and isinstance(v, tuple) and len(v) == 5}
+    assert tables == set(published) | {"ZOOM_BLUR_MAX", "FROST_FILES"}

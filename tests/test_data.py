@@ -433,3 +433,46 @@ def test_shared_cifar10_tarball():
     assert np.allclose(b.mean, (0.491, 0.482, 0.447), atol=0.01)  # the well-known CIFAR-10 channel means
     x, y = next(iter(train_batches(b, 256, epoch=0, seed=0)))
     assert x.shape == (256, 3, 32, 32) and y.shape == (256,)
+
+
+# ------------------------------------------------------------------ 16-bit greyscale, shared-data lookup
+def test_16_bit_and_float_greyscale_are_rescaled_not_clipped(tmp_path):
+    from vitsam.data.decode import load_pil
+    from vitsam.eval.shifts import decode_for_eval
+
+    ramp = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)  # 0..65520, the whole 16-bit range
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    Image.fromarray(ramp).save(tmp_path / "ramp16.tif")
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "ramp32.tif")  # mode I
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(tmp_path / "unit.tif")  # mode F, 0-1
+    Image.fromarray(ramp.astype(np.float32) / 257).save(tmp_path / "f255.tif")  # mode F, 0-255
+    expect = np.floor(ramp.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)  # 0..255 ramp
+    assert expect.min() == 0 and expect.max() == 255 and len(np.unique(expect)) == 256
+    for name in ("ramp16.png", "ramp16.tif", "ramp32.tif", "unit.tif", "f255.tif"):
+        got = np.asarray(load_pil(tmp_path / name, "L"))
+        assert np.array_equal(got, expect), name
+        assert np.array_equal(decode_for_eval(tmp_path / name, 64, in_chans=1)[0], expect), name
+        assert np.array_equal(np.asarray(load_pil(tmp_path / name, "RGB")), np.stack([expect] * 3, -1)), name
+    # and through a data set held in memory (the decode cache)
+    for split in ("train", "val"):
+        (tmp_path / "d" / split / "a").mkdir(parents=True)
+        Image.fromarray(ramp[:32, :32]).save(tmp_path / "d" / split / "a" / "x.png")
+    b = build_data(DataConfig(source="imagefolder", root=str(tmp_path / "d"), cache_dir=str(tmp_path / "c")))
+    assert np.array_equal(b.test.images[0, 0].numpy(), expect[:32, :32]) and b.test.ids == ["a/x.png"]
+
+
+def test_shared_data_is_found_through_the_environment_not_a_fixed_folder(tmp_path, monkeypatch):
+    import vitsam.data.sources as src
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(src, "_REPO_ROOT", tmp_path / "checkout")  # no ../shared next to either
+    monkeypatch.delenv("VITSAM_DATA", raising=False)
+    with pytest.raises(DataError) as info:
+        find_shared_cifar10()
+    msg = str(info.value)
+    assert "VITSAM_DATA" in msg and "data.root" in msg and "\n" not in msg and "/work" not in msg
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "cifar10-jpeg.tar.gz").write_bytes(b"")
+    monkeypatch.setenv("VITSAM_DATA", str(tmp_path / "mine"))
+    assert find_shared_cifar10() == tmp_path / "mine" / "cifar10-jpeg.tar.gz"
+    assert find_shared_cifar10(str(tmp_path / "mine")) == tmp_path / "mine"  # an explicit root comes first

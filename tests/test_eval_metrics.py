@@ -264,3 +264,16 @@ def test_corruption_folder_tree(tmp_path):
     assert res["accuracy"] == {"fog": {"1": 1.0, "2": 0.5}, "speckle_noise": {"1": 0.5}}
     assert res["mean_corruption_accuracy"] == 0.75 and res["clean"]["top1"] == 1.0
     assert res["params"] == "folders" and not res["complete_standard"]
+
+
+def test_class_mapped_scores_every_mapped_class_even_without_images():
+    # Only class "a" (-> training class 1) has images; "b" maps to training class 3, which the
+    # model prefers over 1: restricted to the mapped classes {1, 3}, every prediction is 3: wrong.
+    table = torch.tensor([[9.0, 1.0, 8.0, 2.0],
+                          [9.0, 1.0, 8.0, 3.0]])
+    kw = {"mean": ZERO, "std": ONE, "img_size": 8, "source_classes": ["a", "b"], "progress": False}
+    res = S.evaluate_class_mapped(TableModel(table), (id_images([0, 1]), torch.tensor([0, 0])),
+                                  {"a": "cat", "b": 3}, ["dog", "cat", "owl", "fox"], **kw)
+    assert res["top1"] == 0.0 and res["n_classes_scored"] == 2 and res["top5"] == 1.0
+    sub = table[:, [1, 3]].double()  # the reference: softmax over exactly the mapped classes
+    assert math.isclose(res["nll"], float(nn.functional.cross_entropy(sub, torch.tensor([0, 0]))), rel_tol=1e-9)

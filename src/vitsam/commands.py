@@ -140,7 +140,9 @@ def _add_eval(sub: Any) -> None:
     s.add_argument("--mapping", metavar="JSON", help="{folder class: training class} for "
                                                      "--mapped-folder (ImageNet-R/A style)")
     s.add_argument("--real", metavar="JSON", help="multi-label (ReaL-style) label sets for the "
-                                                  "test split, or for --real-images")
+                                                  "test split, or for --real-images: {path relative "
+                                                  "to the test folder: [labels]}, or a list in "
+                                                  "file-name order")
     s.add_argument("--real-images", metavar="DIR", help="images the --real labels refer to")
     s.add_argument("--throughput", action="store_true", help="inference and training images/s")
     s.add_argument("--batch-size", type=int, default=256)

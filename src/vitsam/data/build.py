@@ -8,7 +8,13 @@ train/test splits.
 Normalisation: for in-memory (<= 64 px) sources ``mean``/``std`` are computed per channel from
 the training images actually used (after the fraction subset), on the 0-1 scale; large-image
 folders use the standard ImageNet constants (their channel average for grey images), since a pass
-over every file would cost as much as an epoch.
+over every file would cost as much as an epoch. A run records the statistics it trained with in
+its folder (``vitsam.data.record``), so evaluation never recomputes them from other data.
+
+Test images carry ids (``ImageTensors.ids`` / ``ImageFiles.ids``): paths relative to the test
+folder for folder sources, the index in the source's own order otherwise (for MNIST-5k and digits
+the index into the whole embedded set). Evaluation preprocessing: ``crop_pct`` 1.0 for sources
+held in memory, ``EVAL_CROP_FRACTION`` for large-image folders (``vitsam.data.preprocess``).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 from . import cache, decode, sources
 from .config import DataConfig, resolve_cache_dir
 from .errors import DataError
+from .preprocess import EVAL_CROP_FRACTION, IN_MEMORY_CROP_FRACTION
 from .split import stratified_fraction, stratified_split
 from .tensors import DataBundle, ImageFiles, ImageTensors
 
@@ -75,6 +82,7 @@ def _decode_listing(listing: sources.FolderListing, mode: str, size: tuple[int, 
                                    desc=f"decode {split}")
         out[f"{split}_images"] = torch.from_numpy(arr)
         out[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+    out["test_ids"] = list(listing.test_ids)
     return out
 
 
@@ -83,12 +91,12 @@ def _folder_data(listing: sources.FolderListing, cache_dir: Path, name: str, wor
     """Cached tensors of a small-image folder, or ``{"lazy": (train, test, mode, size)}`` for large images."""
     mode, size, small = _probe_listing(listing)
     if not small:
-        def files(f: list[str], y: list[int]) -> ImageFiles:
-            return ImageFiles(list(f), torch.tensor(y, dtype=torch.int64), mode, workers)
+        def files(f: list[str], y: list[int], ids: list[str] | None = None) -> ImageFiles:
+            return ImageFiles(list(f), torch.tensor(y, dtype=torch.int64), mode, workers, ids)
 
         return {"classes": list(listing.classes),
                 "lazy": (files(listing.train_files, listing.train_labels),
-                         files(listing.test_files, listing.test_labels), mode, size)}
+                         files(listing.test_files, listing.test_labels, listing.test_ids), mode, size)}
     key = cache.listing_digest(listing.root, [*listing.train_files, *listing.test_files],
                                extra=f"{mode}|{size}|{listing.classes}")
     return cache.load_or_build(cache_dir, name, key, lambda: _decode_listing(listing, mode, size, progress))
@@ -103,7 +111,8 @@ def _embedded(source: str, cache_dir: Path) -> dict:
         tr, te = stratified_split(torch.from_numpy(labels), n_test, SPLIT_SEED)
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         return {"train_images": images[tr], "train_labels": labels[tr],
-                "test_images": images[te], "test_labels": labels[te], "classes": classes}
+                "test_images": images[te], "test_labels": labels[te], "classes": classes,
+                "test_ids": [str(i) for i in te.tolist()]}
 
     csv = sources.mnist5k_file() if source == "mnist5k" else None
     if csv is None:
@@ -164,11 +173,15 @@ def _bundle(cfg: DataConfig, data: dict, hflip: bool, origin: str) -> DataBundle
         mean = IMAGENET_MEAN if in_chans == 3 else (sum(IMAGENET_MEAN) / 3,)
         std = IMAGENET_STD if in_chans == 3 else (sum(IMAGENET_STD) / 3,)
         native, default_size = min(h, w), LARGE_DEFAULT_SIZE
+        crop_pct = EVAL_CROP_FRACTION
     else:
         train = ImageTensors(data["train_images"], data["train_labels"])
-        test = ImageTensors(data["test_images"], data["test_labels"])
+        n_test = int(data["test_labels"].numel())
+        test = ImageTensors(data["test_images"], data["test_labels"],
+                            data.get("test_ids") or [str(i) for i in range(n_test)])
         in_chans = train.images.shape[1]
         native = default_size = int(min(train.images.shape[-2:]))
+        crop_pct = IN_MEMORY_CROP_FRACTION
     n_full = len(train)
     if cfg.train_fraction < 1.0:
         train = train.subset(stratified_fraction(train.labels, cfg.train_fraction, cfg.seed))
@@ -180,4 +193,4 @@ def _bundle(cfg: DataConfig, data: dict, hflip: bool, origin: str) -> DataBundle
                    f"{in_chans}x{native}px native -> {img_size}px, {len(classes)} classes, augment {cfg.augment}")
     return DataBundle(train=train, test=test, classes=list(classes), mean=tuple(mean), std=tuple(std),
                       in_chans=in_chans, native_size=native, img_size=img_size, name=cfg.source,
-                      description=description, hflip=hflip, config=cfg)
+                      description=description, hflip=hflip, config=cfg, crop_pct=crop_pct)

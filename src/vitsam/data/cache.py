@@ -4,7 +4,10 @@ Keys: for files whose bytes are read anyway (CIFAR pickles, the CIFAR-10 tarball
 their bytes; for ImageFolder trees the sha256 of the sorted list of (relative path, size in bytes,
 mtime in ns) of every image, which changes whenever a file is added, removed, replaced or touched
 without reading 60,000 files. The cache format version and the decode settings are part of the
-key. Entries are written to a temporary file and renamed into place, so a crash or a concurrent
+key, and the entry format version (``ENTRY_VERSION``) is part of each entry's file name: version 2
+entries hold the test images' ids (``test_ids``) and rescale 16-bit images instead of clipping
+them, so no version 1 entry is ever read for them (the unpacked tarball, keyed by its bytes
+alone, is kept). Entries are written to a temporary file and renamed into place, so a crash or a concurrent
 writer never leaves a half-written entry.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from ..io import atomic_writer
 
 CACHE_VERSION = 1
+ENTRY_VERSION = 2
 
 
 def file_digest(paths: Sequence[str | Path]) -> str:
@@ -46,7 +50,7 @@ def listing_digest(root: str | Path, files: Iterable[str | Path], extra: str = "
 
 def cache_path(cache_dir: str | Path, name: str, key: str) -> Path:
     """Where the entry ``name`` with content key ``key`` lives."""
-    return Path(cache_dir) / "tensors" / f"{name}-{key[:24]}.pt"
+    return Path(cache_dir) / "tensors" / f"{name}-v{ENTRY_VERSION}-{key[:24]}.pt"
 
 
 def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[], dict]) -> dict:

@@ -81,6 +81,7 @@ PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)
 ELASTIC = ((0.0, 0.0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))
 
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")  # CIFAR-C drew from the first five
+FROST_SCALE = 0.2  # the texture's resize factor at CIFAR's size
 CIFAR_SIDE = 32
 
 
@@ -179,7 +180,7 @@ def frost(x: np.ndarray, severity: int) -> np.ndarray:
     h, w = x.shape[:2]
     tex = _frost_texture(FROST_FILES[np.random.randint(len(FROST_FILES))])
     # 0.2 at CIFAR's 32 px, scaled with the image; never smaller than the image itself.
-    scale = max(0.2 * max(h, w) / CIFAR_SIDE, (h + 1) / tex.shape[0], (w + 1) / tex.shape[1])
+    scale = max(FROST_SCALE * max(h, w) / CIFAR_SIDE, (h + 1) / tex.shape[0], (w + 1) / tex.shape[1])
     tex = cv2.resize(np.ascontiguousarray(tex), (0, 0), fx=scale, fy=scale)
     top = np.random.randint(0, tex.shape[0] - h)
     left = np.random.randint(0, tex.shape[1] - w)

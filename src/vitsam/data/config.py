@@ -18,7 +18,8 @@ class DataConfig:
     """Settings of one data set.
 
     source: ``mnist5k`` (embedded MNIST subset, default), ``digits`` (sklearn 8x8 digits),
-    ``cifar10-shared`` (the CIFAR-10 JPEG tarball in ``../shared/data``), ``imagefolder``
+    ``cifar10-shared`` (the CIFAR-10 JPEG tarball: ``root``, else in ``$VITSAM_DATA`` or
+    ``../shared/data``), ``imagefolder``
     (``root/train/<class>/*`` and ``root/<val_split>/<class>/*``), ``cifar10`` / ``cifar100``
     (the python-pickle folders). ``img_size=None`` keeps the native size of the source (224 for
     large-image folders). ``train_fraction`` keeps a seeded, stratified share of the training set.

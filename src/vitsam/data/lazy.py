@@ -1,8 +1,8 @@
 """Large images (more than 64 px): decoded per batch by a DataLoader with per-image v2 transforms.
 
 Training crops are the paper's Inception crop (``v2.RandomResizedCrop``, area 5-100 %, aspect
-3/4-4/3); evaluation resizes the shorter side to ``img_size / 0.875`` and centre-crops
-``img_size``. Each training sample carries its own seed (drawn from the epoch generator), so the
+3/4-4/3); evaluation applies the run's one preprocessing (``vitsam.data.preprocess``: shorter
+side to ``img_size / 0.875``, centre crop ``img_size``; images already at ``img_size`` as they are). Each training sample carries its own seed (drawn from the epoch generator), so the
 crops do not depend on the number of workers and the global RNG is never touched. Flips,
 RandAugment and Mixup then run batched on the device (see ``augment``).
 """
@@ -18,9 +18,8 @@ from torchvision.transforms import v2
 from .augment import INCEPTION_RATIO, INCEPTION_SCALE, seeded_global_rng
 from .decode import load_pil
 from .errors import DataError
+from .preprocess import EVAL_CROP_FRACTION, EvalView
 from .tensors import ImageFiles
-
-EVAL_CROP_FRACTION = 0.875
 
 
 def train_transform(img_size: int) -> v2.Compose:
@@ -31,13 +30,10 @@ def train_transform(img_size: int) -> v2.Compose:
     ])
 
 
-def eval_transform(img_size: int) -> v2.Compose:
-    """PIL image -> uint8 (C, img_size, img_size): resize shorter side to img_size/0.875, centre crop."""
-    return v2.Compose([
-        v2.Resize(round(img_size / EVAL_CROP_FRACTION), antialias=True),
-        v2.CenterCrop(img_size),
-        v2.PILToTensor(),
-    ])
+def eval_transform(img_size: int, crop_pct: float = EVAL_CROP_FRACTION) -> v2.Compose:
+    """PIL image -> uint8 (C, img_size, img_size) by ``preprocess.eval_view`` (shorter side to
+    img_size / crop_pct, centre crop)."""
+    return v2.Compose([v2.PILToTensor(), EvalView(img_size, crop_pct)])
 
 
 class _FileDataset(Dataset):

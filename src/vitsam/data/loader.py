@@ -12,13 +12,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import lazy
 from .augment import AUGMENTS_WITH_CROP, augment_uint8, crop_padding, draw_seed, mixup
 from .config import AUGMENTS
 from .errors import DataError
+from .preprocess import EVAL_CROP_FRACTION, IN_MEMORY_CROP_FRACTION, eval_view
 from .tensors import DataBundle, ImageFiles, ImageTensors
 
 
@@ -28,23 +28,15 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def resize_center_crop(x: Tensor, size: int) -> Tensor:
-    """Resize float (B, C, H, W) so its shorter side is ``size`` (bilinear, antialiased), crop the centre square."""
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[..., top:top + size, left:left + size]
-
-
 def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float], img_size: int) -> Tensor:
-    """uint8 (B, C, H, W) -> float32 (B, C, img_size, img_size), ``(x / 255 - mean) / std`` per channel."""
+    """uint8 (B, C, H, W) -> float32 (B, C, img_size, img_size), ``(x / 255 - mean) / std`` per channel.
+
+    Images not yet at ``img_size`` go through ``preprocess.eval_view`` with crop fraction 1
+    (shorter side to ``img_size``, centre crop), as the in-memory test split does.
+    """
     if len(mean) != x.shape[1] or len(std) != x.shape[1]:
         raise DataError(f"mean/std have {len(mean)}/{len(std)} entries for {x.shape[1]} channels; pass per-channel stats")
-    x = resize_center_crop(x.float(), img_size)
+    x = eval_view(x, img_size, IN_MEMORY_CROP_FRACTION).float()
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
     return (x - m) / s
@@ -106,7 +98,8 @@ def train_batches(
         order = perm.tolist()
         batches = [[(order[i], sample_seeds[i]) for i in range(s, min(s + batch_size, stop))]
                    for s in starts[start_batch:]]
-        tf = lazy.train_transform(bundle.img_size) if crops else lazy.eval_transform(bundle.img_size)
+        tf = (lazy.train_transform(bundle.img_size) if crops
+              else lazy.eval_transform(bundle.img_size, bundle.crop_pct))
         source = lazy.file_batches(data, batches, tf, bundle.img_size)
         pad = 0
     elif isinstance(data, ImageTensors):
@@ -134,22 +127,28 @@ def eval_batches(
     std: Sequence[float],
     img_size: int,
     device: str | torch.device = "cpu",
+    crop_pct: float | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches in order, no augmentation: x float32 (B, C, img_size, img_size) normalised, y int64 (B,).
 
-    Small images are resized (bilinear, antialiased) to ``img_size`` when needed; large ones are
-    resized to ``img_size / 0.875`` and centre-cropped.
+    Every image goes through ``preprocess.eval_view(x, img_size, crop_pct)`` (shorter side to
+    ``img_size / crop_pct``, centre crop; images already at ``img_size`` as they are).
+    ``crop_pct`` is the run's (``DataBundle.crop_pct``); None takes the default of the split's
+    kind: 1.0 for images held in memory, 0.875 for image files.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     data = tensors_or_dataset
     n = len(data)
     if isinstance(data, ImageFiles):
+        crop = EVAL_CROP_FRACTION if crop_pct is None else crop_pct
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-        source = lazy.file_batches(data, batches, lazy.eval_transform(img_size), img_size)
+        source = lazy.file_batches(data, batches, lazy.eval_transform(img_size, crop), img_size)
     elif isinstance(data, ImageTensors):
+        crop = IN_MEMORY_CROP_FRACTION if crop_pct is None else crop_pct
         source = ((data.images[s:s + batch_size], data.labels[s:s + batch_size]) for s in range(0, n, batch_size))
     else:
         raise DataError(f"eval_batches needs ImageTensors or ImageFiles, got {type(data).__name__}")
     for xb, yb in source:
-        yield normalise(xb.to(device, non_blocking=True), mean, std, img_size), yb.to(device, non_blocking=True)
+        x = eval_view(xb.to(device, non_blocking=True), img_size, crop)
+        yield normalise(x, mean, std, img_size), yb.to(device, non_blocking=True)

@@ -9,7 +9,7 @@ import os
 import pickle
 import shutil
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,12 +20,16 @@ from .decode import IMAGE_EXTENSIONS
 from .errors import DataError
 
 SHARED_TARBALL = "cifar10-jpeg.tar.gz"
+DATA_ENV = "VITSAM_DATA"  # a folder holding the shared data files (cifar10-jpeg.tar.gz)
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass
 class FolderListing:
-    """Image files of an ImageFolder tree; labels index ``classes`` (sorted folder names)."""
+    """Image files of an ImageFolder tree; labels index ``classes`` (sorted folder names).
+
+    ``test_ids``: each test file's path relative to the test folder, POSIX (``"cat/0000.jpg"``).
+    """
 
     root: Path
     classes: list[str]
@@ -33,6 +37,7 @@ class FolderListing:
     train_labels: list[int]
     test_files: list[str]
     test_labels: list[int]
+    test_ids: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- embedded sets
@@ -195,15 +200,17 @@ def scan_imagefolder(root: str | Path, val_split: str = "val") -> FolderListing:
             files += imgs
             labels += [label] * len(imgs)
         lists[split] = (files, labels)
-    return FolderListing(root, classes, *lists["train"], *lists["test"])
+    test_ids = [Path(os.path.relpath(p, val_dir)).as_posix() for p in lists["test"][0]]
+    return FolderListing(root, classes, *lists["train"], *lists["test"], test_ids=test_ids)
 
 
 # ---------------------------------------------------------------- shared CIFAR-10 JPEG tarball
 def find_shared_cifar10(root: str | Path | None = None) -> Path:
     """The CIFAR-10 JPEG tarball (or an already unpacked folder when ``root`` names one).
 
-    Looked up, in order: ``root``; ``../shared/data`` next to the working directory; the same next
-    to the repository; ``/work/shared/data``.
+    Looked up, in order: ``root`` (``data.root``); the folder named by the environment variable
+    ``VITSAM_DATA``; ``../shared/data`` next to the working directory; the same next to the
+    repository checkout.
     """
     if root is not None:
         p = Path(root).expanduser()
@@ -211,13 +218,15 @@ def find_shared_cifar10(root: str | Path | None = None) -> Path:
             return p
         raise DataError(f"cifar10-shared root {p} does not exist; point root at {SHARED_TARBALL} "
                         "or at its unpacked folder")
-    cands = [Path.cwd().parent / "shared" / "data", _REPO_ROOT.parent / "shared" / "data",
-             Path("/work/shared/data")]
+    cands = [Path.cwd().parent / "shared" / "data", _REPO_ROOT.parent / "shared" / "data"]
+    env = os.environ.get(DATA_ENV)
+    if env:
+        cands.insert(0, Path(env).expanduser())
     for c in cands:
         if (c / SHARED_TARBALL).is_file():
             return c / SHARED_TARBALL
-    raise DataError(f"CIFAR-10 tarball not found at {cands[0] / SHARED_TARBALL} (also looked in "
-                    f"{', '.join(str(c) for c in cands[1:])}); put it there or set root to its path")
+    raise DataError(f"CIFAR-10 tarball {SHARED_TARBALL} not found in {', '.join(str(c) for c in cands)}; "
+                    f"set data.root to its path, or ${DATA_ENV} to the folder holding it")
 
 
 def imagefolder_root(folder: Path) -> Path:

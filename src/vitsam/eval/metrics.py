@@ -1,7 +1,9 @@
 """Classification metrics: top-k accuracy, expected calibration error, negative log-likelihood.
 
-Also the preprocessing every evaluator shares: uint8 images -> float /255 -> resize to the
-model's size (bilinear, antialiased) -> normalise by the training mean/std.
+Also the preprocessing every evaluator shares: uint8 images -> the run's one view
+(``vitsam.data.preprocess.eval_view``: images already at the model's size as they are, others
+resized so the shorter side is img_size / crop_pct and centre-cropped) -> normalised by the
+training mean/std with the data layer's own ``normalise``.
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..data.loader import normalise
+from ..data.preprocess import IN_MEMORY_CROP_FRACTION, eval_view
 
 
 def _check_logits(logits: torch.Tensor, targets: torch.Tensor, what: str = "logits") -> None:
@@ -137,11 +142,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 
 def preprocess(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-               img_size: int | None = None) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float (B, C, img_size, img_size): /255, resize, normalise.
+               img_size: int | None = None, crop_pct: float = IN_MEMORY_CROP_FRACTION) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float (B, C, img_size, img_size): ``eval_view``, /255, normalise.
 
-    Resizing (only when the size differs) is bilinear with antialiasing; mean/std are per channel
-    on the 0-1 scale (one value per channel of ``images``).
+    ``img_size=None`` keeps the size. Images not yet ``img_size`` x ``img_size`` are resized
+    (bilinear, antialiased) so the shorter side is ``img_size / crop_pct`` and centre-cropped,
+    never squashed; mean/std are per channel on the 0-1 scale (one value per channel).
     """
     if images.ndim != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
@@ -153,22 +159,22 @@ def preprocess(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
                          "use the training run's data statistics")
     if any(float(s) <= 0 for s in std):
         raise ValueError(f"std must be positive, got {list(std)}")
-    x = images.float().div_(255.0)
-    if img_size is not None and tuple(x.shape[-2:]) != (img_size, img_size):
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor([float(v) for v in mean]).view(1, c, 1, 1)
-    s = torch.tensor([float(v) for v in std]).view(1, c, 1, 1)
-    return (x - m) / s
+    if img_size is not None:
+        images = eval_view(images, img_size, crop_pct)
+    # The data layer's own normalisation, so inputs are bit-identical to the test split's.
+    return normalise(images, [float(v) for v in mean], [float(v) for v in std], images.shape[-1])
 
 
 def uint8_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
                   std: Sequence[float], img_size: int | None = None,
-                  device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches ``(x normalised float on device, y int64)`` from uint8 images (N, C, H, W) and labels (N,)."""
+                  device: str | torch.device = "cpu",
+                  crop_pct: float = IN_MEMORY_CROP_FRACTION) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(x normalised float on device, y int64)`` from uint8 images (N, C, H, W) and labels (N,),
+    preprocessed as ``preprocess`` does."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
     for a in range(0, images.shape[0], batch_size):
-        x = preprocess(images[a:a + batch_size], mean, std, img_size)
+        x = preprocess(images[a:a + batch_size], mean, std, img_size, crop_pct)
         yield x.to(device), labels[a:a + batch_size].long()

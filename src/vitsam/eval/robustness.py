@@ -1,7 +1,8 @@
 """Accuracy under corruptions, mean corruption error (mCE), tables and heatmaps.
 
-``evaluate_corruptions`` scores a model on a set built by ``vitsam.data.corruptions`` (images
-/255, resized to the model's size if needed, normalised by the training mean/std) and reports
+``evaluate_corruptions`` scores a model on a set built by ``vitsam.data.corruptions`` (images at
+the model's size used as they are, others given the run's preprocessing, ``eval.metrics.preprocess``;
+then /255 and normalised by the training mean/std) and reports
 accuracy per corruption and severity, the mean corruption accuracy (the number the paper
 reports for ImageNet-C: mean over the 15 corruptions of the mean over 5 severities) and the
 per-corruption error; ``evaluate_corruption_folders`` does the same for the published
@@ -96,6 +97,7 @@ def evaluate_corruptions(
     progress: bool = True,
     clean: bool = True,
     verify: bool = True,
+    crop_pct: float = 1.0,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every part of a corruption set folder; JSON-serialisable dict.
 
@@ -113,17 +115,18 @@ def evaluate_corruptions(
     with tqdm(total=n_parts, desc="corruptions", unit="part", disable=not progress) as bar:
         for corruption, severity, images, labels in iter_corruption_set(corruption_dir, verify=verify,
                                                                         manifest=man):
-            batches = uint8_batches(images, labels, batch_size, mean, std, img_size, device)
+            batches = uint8_batches(images, labels, batch_size, mean, std, img_size, device, crop_pct)
             parts.setdefault(corruption, {})[severity] = evaluate(model, batches, device)
             bar.update(1)
     clean_metrics = None
     if clean:
         images, labels = load_clean_set(corruption_dir, verify=verify)
-        clean_metrics = evaluate(model, uint8_batches(images, labels, batch_size, mean, std, img_size, device), device)
+        clean_metrics = evaluate(model, uint8_batches(images, labels, batch_size, mean, std, img_size, device,
+                                                      crop_pct), device)
     meta = {"params": man["params"], "seed": man["seed"], "library": man["library"],
             "source": man["source"]["description"], "corruption_dir": str(corruption_dir), "n": man["n"],
-            "settings": {"img_size": img_size, "batch_size": batch_size, "mean": [float(v) for v in mean],
-                         "std": [float(v) for v in std]}}
+            "settings": {"img_size": img_size, "batch_size": batch_size, "crop_pct": crop_pct,
+                         "mean": [float(v) for v in mean], "std": [float(v) for v in std]}}
     return _summarise(parts, clean_metrics, meta)
 
 

@@ -2,9 +2,16 @@
 
 ``evaluate_run`` writes ``eval.json`` in the run folder (merged with what is there: each key is
 one evaluation, with its settings), so robustness numbers for several sets can live together.
+
+Whatever it is evaluated on (its own test split, ``--data``, a folder, a corruption set), a
+model is fed as it was trained: normalised with the run's own mean/std and preprocessed with its
+``crop_pct``, both read from the run's ``data.json`` (``vitsam.data.record``). Runs from before
+that file existed get them recomputed from the run's own data config (with a one-line warning),
+or, if that data is gone, from ``--data``'s training split.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,8 +21,11 @@ import numpy as np
 import torch
 
 from ..config import from_dict
-from ..data import DataConfig, ImageFiles, build_data, eval_batches
+from ..data import DataConfig, DataError, ImageFiles, build_data, eval_batches, eval_view, load_data_record
+from ..data.preprocess import describe, resize_side
+from ..data.record import RECORD_FILE
 from ..data.sample import random_subset
+from ..data.tensors import DataBundle
 from ..io import merge_json
 from ..train.checkpoint import load_run, run_labels
 from .metrics import evaluate
@@ -45,6 +55,54 @@ def _data_config(run: Any, req: EvalRequest) -> DataConfig:
     return replace(cfg, source=req.data, root=req.root, train_fraction=1.0) if req.data else cfg
 
 
+def _warn(msg: str) -> None:
+    print(f"vitsam: warning: {msg}", file=sys.stderr)
+
+
+def run_inputs(run: Any, bundle: DataBundle | None = None, data: str | None = None) -> dict[str, Any]:
+    """How the run's model is fed: ``{mean, std, crop_pct, classes, from}``, from its ``data.json``.
+
+    A run folder without one (trained before it was written) gets them from its own data config,
+    rebuilt now (``bundle`` when that is the run's own data, i.e. ``data`` is None), else from
+    ``bundle`` (the ``--data`` source), each with a one-line warning on stderr.
+    """
+    rec = load_data_record(run.run_dir)
+    if rec is not None:
+        return {"mean": [float(v) for v in rec["mean"]], "std": [float(v) for v in rec["std"]],
+                "crop_pct": float(rec["preprocessing"]["crop_pct"]), "from": RECORD_FILE,
+                "classes": [str(c) for c in rec["classes"]] if isinstance(rec.get("classes"), list) else None}
+    own = bundle if data is None else None
+    if own is None:
+        try:
+            own = build_data(run.data_config(), progress=False)
+        except DataError:
+            own = None
+    src = own if own is not None else bundle
+    if src is None:
+        raise DataError(f"{run.run_dir} has no {RECORD_FILE} and its data cannot be read; "
+                        "restore the run's data set or train the run again")
+    what = "its own data config" if own is not None else f"the training split of --data {data}"
+    _warn(f"{run.run_dir} has no {RECORD_FILE} (trained before runs recorded their statistics); "
+          f"normalising with mean/std recomputed from {what}")
+    return {"mean": list(src.mean), "std": list(src.std), "crop_pct": float(src.crop_pct),
+            "from": "recomputed from the run's data config" if own is not None else f"recomputed from --data {data}",
+            "classes": list(own.classes) if own is not None else None}
+
+
+def _align_classes(bundle: DataBundle, run_classes: list[str] | None) -> None:
+    """Relabel ``bundle``'s test split to the run's class order when both name the same classes
+    in another order (the model's output k is the run's class k); refuse other class sets."""
+    if run_classes is None or list(bundle.classes) == run_classes:
+        return
+    if sorted(bundle.classes) != sorted(run_classes):
+        only = sorted(set(bundle.classes) - set(run_classes))[:3]
+        raise ValueError(f"the evaluation data names classes the run was not trained on ({', '.join(only)}, ...); "
+                         f"evaluate on data with the run's classes ({', '.join(run_classes[:5])}, ...)")
+    where = torch.tensor([run_classes.index(c) for c in bundle.classes])
+    bundle.test.labels = where[bundle.test.labels]
+    bundle.classes = list(run_classes)
+
+
 def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -> dict[str, Any]:
     """Evaluate one run folder as ``req`` asks; returns and saves the new ``eval.json`` entries."""
     from . import robustness, shifts, throughput
@@ -58,18 +116,26 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
     if bundle.in_chans != spec["in_chans"]:
         raise ValueError(f"--data has {bundle.in_chans}-channel images but the model takes "
                          f"{spec['in_chans']}; evaluate on data like the training images")
-    common = {"mean": bundle.mean, "std": bundle.std, "img_size": bundle.img_size,
+    feed = run_inputs(run, bundle, req.data)
+    _align_classes(bundle, feed["classes"])
+    mean, std, crop_pct, img_size = feed["mean"], feed["std"], feed["crop_pct"], bundle.img_size
+    if len(mean) != spec["in_chans"]:
+        raise ValueError(f"the run's {RECORD_FILE} has {len(mean)} channel statistics but the model "
+                         f"takes {spec['in_chans']} channels; delete {RECORD_FILE} to recompute them")
+    common = {"mean": mean, "std": std, "img_size": img_size,
               "batch_size": req.batch_size, "device": req.device}
-    shift_kw = {**common, "in_chans": spec["in_chans"], "progress": progress}
+    shift_kw = {**common, "in_chans": spec["in_chans"], "crop_pct": crop_pct, "progress": progress}
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    test = evaluate(model, eval_batches(bundle.test, req.batch_size, bundle.mean, bundle.std,
-                                        bundle.img_size, req.device), req.device)
-    out["test"] = {**test, "data": bundle.description, "checkpoint": run.checkpoint.name}
+    test = evaluate(model, eval_batches(bundle.test, req.batch_size, mean, std, img_size, req.device,
+                                        crop_pct=crop_pct), req.device)
+    out["test"] = {**test, "data": bundle.description, "checkpoint": run.checkpoint.name,
+                   "normalisation": {"mean": mean, "std": std, "from": feed["from"]},
+                   "preprocessing": describe(img_size, crop_pct)}
     if req.corruptions:
         out["corruptions"] = robustness.evaluate_corruptions(
-            model, req.corruptions, bundle.mean, bundle.std, bundle.img_size, req.batch_size,
-            req.device, progress=progress)
+            model, req.corruptions, mean, std, img_size, req.batch_size,
+            req.device, progress=progress, crop_pct=crop_pct)
         out["corruptions"]["set_dir"] = str(Path(req.corruptions).resolve())
     if req.folder:
         out["folder"] = shifts.evaluate_folder(model, req.folder, bundle.classes, **shift_kw)
@@ -77,12 +143,8 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
         out["class_mapped"] = shifts.evaluate_class_mapped(model, req.mapped_folder, req.mapping,
                                                            bundle.classes, **shift_kw)
     if req.real:
-        source: Any = req.real_images
-        if source is None:
-            if isinstance(bundle.test, ImageFiles):
-                raise ValueError("--real without --real-images needs a test split held in "
-                                 "memory; give the image folder with --real-images")
-            source = bundle.test.images
+        # Without --real-images: the test split itself, whose ids are the same relative paths.
+        source: Any = req.real_images if req.real_images is not None else bundle.test
         out["real"] = shifts.evaluate_real_labels(model, source, req.real, **shift_kw)
     if req.throughput:
         from ..optim.factory import OptimConfig
@@ -95,9 +157,9 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
 
         bs = min(req.batch_size, 64)  # training steps hold activations for backward
         out["throughput"] = {
-            "inference": throughput.inference_throughput(model, req.batch_size, bundle.img_size,
+            "inference": throughput.inference_throughput(model, req.batch_size, img_size,
                                                          spec["in_chans"], req.device),
-            "training": throughput.sam_overhead(model, factory, bs, bundle.img_size,
+            "training": throughput.sam_overhead(model, factory, bs, img_size,
                                                 spec["in_chans"], device=req.device,
                                                 num_classes=spec["num_classes"]),
         }
@@ -160,24 +222,28 @@ def report(results: dict[str, dict[str, Any]], req: EvalRequest, baseline: str |
 
 def corruption_source(data: str, root: str | None, run_dir: str | None, img_size: int | None,
                       limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Test images uint8 (N, C, H, W), labels, and a description, for ``build_corruption_set``."""
+    """Test images uint8 (N, C, S, S), labels, and a description, for ``build_corruption_set``.
+
+    The images are the model's views of the test files: the run's (or the source's) preprocessing
+    (``vitsam.data.preprocess.eval_view``) at ``img_size`` (default: the run's model size, else
+    the source's), exactly what evaluation feeds the model for the clean test split.
+    """
     if run_dir:
         run = load_run(run_dir)
         cfg = replace(run.data_config(), img_size=img_size or int(run.model_spec["img_size"]))
     else:
-        cfg = DataConfig(source=data, root=root, img_size=img_size)
+        run, cfg = None, DataConfig(source=data, root=root, img_size=img_size)
     bundle = build_data(cfg)
+    crop_pct = run_inputs(run, bundle)["crop_pct"] if run is not None else bundle.crop_pct
+    size = bundle.img_size
     test = random_subset(bundle.test, limit, seed) if limit else bundle.test
     if isinstance(test, ImageFiles):
         from .shifts import decode_for_eval
 
-        images = torch.from_numpy(np.stack([decode_for_eval(p, bundle.img_size, bundle.in_chans)
+        images = torch.from_numpy(np.stack([decode_for_eval(p, size, bundle.in_chans, crop_pct)
                                             for p in test.paths]))
     else:
-        images = test.images
-        if img_size and images.shape[-1] != img_size:
-            from .metrics import preprocess
-
-            x = preprocess(images, [0.0] * images.shape[1], [1.0] * images.shape[1], img_size)
-            images = (x * 255).round().clamp(0, 255).to(torch.uint8)
-    return images, test.labels, bundle.description
+        images = eval_view(test.images, size, crop_pct)
+    desc = (f"{bundle.description}; preprocessing: shorter side to {resize_side(size, crop_pct)} px, "
+            f"centre crop {size} px")
+    return images, test.labels, desc

@@ -6,20 +6,26 @@ tensors:
 * ``evaluate_class_mapped``: a folder whose classes map onto (a subset of) the training classes,
   as ImageNet-R and ImageNet-A use 200 of the 1,000 ImageNet classes. The mapping is JSON
   ``{folder_class_name: training_class_name or index}``; by default the model's logits are
-  restricted to the mapped training classes before argmax/softmax, as in those benchmarks.
-* ``evaluate_real_labels``: multi-label ground truth (ImageNet "ReaL"): JSON list (one entry per
-  image, images sorted by file name) or dict ``{image_id: [class indices]}``. A prediction is
-  right if it is in the image's label set; images with an empty set are skipped; ECE is not
-  defined for label sets and is reported as None.
+  restricted to all the mapped training classes (whether or not the folder holds images of
+  them) before argmax/softmax, as in those benchmarks.
+* ``evaluate_real_labels``: multi-label ground truth (ImageNet "ReaL"), matched to images by id
+  (``real_label_sets``): an image's id is its path relative to the folder (``"cat/0000.jpg"``),
+  the same for a folder and for a test split held in memory. A prediction is right if it is in
+  the image's label set; images with an empty set are skipped; ECE is not defined for label sets
+  and is reported as None.
 * ``evaluate_folder``: a second test folder with the training classes (ImageNet-V2 style), whose
   class folders are named by training class name or by class index.
 
-Folder images are decoded with Pillow, the shorter side resized to ``img_size / crop_pct``
-(bilinear, antialiased) and centre-cropped to ``img_size``; tensors are resized only if their
-size differs. A file Pillow cannot read raises a one-line ValueError naming it.
+Every image, file or tensor, goes through the run's one preprocessing
+(``vitsam.data.preprocess.eval_view`` with the run's ``crop_pct``: images already at ``img_size``
+as they are, others resized so the shorter side is ``img_size / crop_pct`` and centre-cropped), and
+files are decoded as the data layer decodes them (``vitsam.data.decode``, 16-bit greyscale
+rescaled). A file Pillow cannot read raises a one-line ValueError naming it.
 """
 from __future__ import annotations
 
+import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,17 +33,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.decode import IMAGE_EXTENSIONS, load_array
+from ..data.preprocess import eval_view
+from ..data.tensors import ImageFiles, ImageTensors
 from ..io import read_json
 from .metrics import MetricAccumulator, model_logits, preprocess
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
-
 Source = str | Path | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+RealSource = str | Path | torch.Tensor | ImageTensors | ImageFiles
 
 
 # ---------------------------------------------------------------- reading
@@ -65,35 +71,23 @@ def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str
     return paths, labels, classes
 
 
-def list_images(root: str | Path) -> list[Path]:
-    """Every image file under ``root`` (any depth), sorted by file name, then by path."""
+def list_images(root: str | Path) -> tuple[list[Path], list[str]]:
+    """Every image file under ``root`` (any depth) and its id, the path relative to ``root`` in
+    POSIX form; sorted by id."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist")
-    paths = sorted((p for p in root.rglob("*") if _is_image(p)), key=lambda p: (p.name, str(p)))
-    if not paths:
+    found = sorted((Path(os.path.relpath(p, root)).as_posix(), p) for p in root.rglob("*") if _is_image(p))
+    if not found:
         raise ValueError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return paths
+    return [p for _, p in found], [i for i, _ in found]
 
 
 def decode_for_eval(path: str | Path, img_size: int, in_chans: int = 3, crop_pct: float = 1.0) -> np.ndarray:
-    """Decode one file to uint8 (C, img_size, img_size): shorter side to img_size/crop_pct, centre crop."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("L" if in_chans == 1 else "RGB")
-    except _DECODE_ERRORS as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"cannot decode image {path}: {msg}; remove or replace the file") from None
-    w, h = im.size
-    short = max(img_size, round(img_size / crop_pct))
-    if min(w, h) != short:
-        nw, nh = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
-        im = im.resize((nw, nh), Image.BILINEAR)  # Pillow widens the filter when shrinking (antialias)
-        w, h = nw, nh
-    left, top = (w - img_size) // 2, (h - img_size) // 2
-    arr = np.asarray(im.crop((left, top, left + img_size, top + img_size)), dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    """Decode one file to uint8 (C, img_size, img_size): the data layer's decoding, then
+    ``eval_view`` (shorter side to img_size / crop_pct, centre crop; as it is at img_size)."""
+    arr = load_array(path, "L" if in_chans == 1 else "RGB")
+    return eval_view(torch.from_numpy(arr), img_size, crop_pct).numpy()
 
 
 def _check_common(img_size: int, batch_size: int, in_chans: int, crop_pct: float) -> None:
@@ -172,7 +166,7 @@ def _settings(source: Source, img_size: int, batch_size: int, mean: Sequence[flo
               crop_pct: float) -> dict[str, Any]:
     where = str(source) if isinstance(source, (str, Path)) else "tensors"
     return {"source": where, "img_size": img_size, "batch_size": batch_size, "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std], "crop_pct": crop_pct if isinstance(source, (str, Path)) else None}
+            "std": [float(v) for v in std], "crop_pct": crop_pct}
 
 
 @torch.no_grad()
@@ -199,8 +193,9 @@ def evaluate_class_mapped(
     ``source``: an ImageFolder path, or ``(images uint8 (N, C, H, W), labels int64 (N,))`` where
     labels index ``source_classes`` (or, without it, are the mapping keys themselves as
     integers). ``mapping``: dict or JSON file ``{source class: training class name or index}``;
-    every source class with images must be mapped. ``restrict=True`` scores only the mapped
-    training classes (logits of the others are dropped before argmax and softmax).
+    every source class with images must be mapped. ``restrict=True`` scores only the training
+    classes the mapping names, all of them, also those without images here (logits of the other
+    classes are dropped before argmax and softmax).
     """
     _check_common(img_size, batch_size, in_chans, crop_pct)
     mapping = _load_json(mapping, "class mapping")
@@ -231,7 +226,8 @@ def evaluate_class_mapped(
     for i, name in enumerate(classes):
         if name in mapping:
             target_of[i] = _train_index(mapping[name], train_classes, name)
-    scored = sorted({int(target_of[i]) for i in present})
+    # Every mapped training class competes, not only those with images in this folder.
+    scored = sorted({_train_index(v, train_classes, k) for k, v in mapping.items()})
     total = labels.numel()
     batches = (_path_batches(paths, batch_size, img_size, in_chans, crop_pct, workers) if images is None
                else _tensor_batches(images, torch.arange(total), batch_size))
@@ -242,7 +238,7 @@ def evaluate_class_mapped(
     try:
         with tqdm(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
             for x_u8, pos in batches:
-                logits = model_logits(model, preprocess(x_u8, mean, std, img_size).to(device)).cpu()
+                logits = model_logits(model, preprocess(x_u8, mean, std, img_size, crop_pct).to(device)).cpu()
                 if scored[-1] >= logits.shape[1]:
                     raise ValueError(f"the mapping names training class {scored[-1]} but the model has "
                                      f"{logits.shape[1]} outputs; check the mapping or the model")
@@ -301,10 +297,122 @@ def evaluate_folder(
     return out
 
 
+def _dupes(names: Sequence[str]) -> list[tuple[str, int]]:
+    """(name, count) of every name occurring more than once, most frequent first."""
+    return [(n, c) for n, c in Counter(names).most_common() if c > 1]
+
+
+def _numeric(ids: Sequence[str]) -> bool:
+    return all(i.isdigit() for i in ids)
+
+
+def real_label_sets(ids: Sequence[str], real: Any) -> list[Any]:
+    """The label set of each image (in the order of ``ids``) from ReaL-style labels ``real``.
+
+    ``ids``: unique image ids (paths relative to the folder, ``"cat/0000.jpg"``, or indices
+    ``"0"``, ``"1"``, ... for images without files). ``real`` is either
+
+    * an object ``{id: [labels]}``; a key may also be an image's bare file name or file stem
+      when exactly one image has it. Every image needs exactly one entry and every entry one image;
+      a key that matches no image, a name shared by several images, or two keys for one image is
+      a one-line error with the count;
+    * a list with one entry per image, in the images' canonical order: by index for index ids,
+      else by file name (as ImageNet's ReaL list, in the order of the validation file names),
+      which must then be unique.
+    """
+    ids = [str(i) for i in ids]
+    dup = _dupes(ids)
+    if dup:
+        raise ValueError(f"{len(dup)} image ids occur more than once (first: {dup[0][0]!r}, {dup[0][1]} times); "
+                         "image ids must be unique paths relative to the folder")
+    names = [i.rsplit("/", 1)[-1] for i in ids]
+    if isinstance(real, Mapping):
+        index = {i: k for k, i in enumerate(ids)}
+        by_name: dict[str, list[int]] = {}
+        for k, n in enumerate(names):
+            by_name.setdefault(n, []).append(k)
+            stem = n.rsplit(".", 1)[0] if "." in n else n
+            if stem != n:
+                by_name.setdefault(stem, []).append(k)
+        owner: dict[int, Any] = {}
+        unmatched, ambiguous, twice = [], [], []
+        for key in real:
+            key_s = str(key)
+            if key_s in index:
+                k = index[key_s]
+            elif len(by_name.get(key_s, [])) == 1:
+                k = by_name[key_s][0]
+            elif key_s in by_name:
+                ambiguous.append((key_s, len(by_name[key_s])))
+                continue
+            else:
+                unmatched.append(key_s)
+                continue
+            if k in owner:
+                twice.append((ids[k], str(owner[k]), key_s))
+            owner[k] = key
+        if ambiguous:
+            name, n_img = ambiguous[0]
+            raise ValueError(f"{len(ambiguous)} ReaL label entries name a file that {n_img} images share "
+                             f"(first: {name!r}); key them by the path relative to the folder, e.g. "
+                             f"{ids[by_name[name][0]]!r}")
+        if unmatched:
+            raise ValueError(f"{len(unmatched)} of the {len(real)} ReaL label entries match no image "
+                             f"(first: {unmatched[0]!r}); key them by the image's path relative to the "
+                             f"folder, e.g. {ids[0]!r}")
+        if twice:
+            i, a, b = twice[0]
+            raise ValueError(f"{len(twice)} images have more than one ReaL label entry (first: {i!r}, by "
+                             f"{a!r} and {b!r}); keep one entry per image")
+        missing = [i for k, i in enumerate(ids) if k not in owner]
+        if missing:
+            raise ValueError(f"{len(missing)} of the {len(ids)} images have no entry in the ReaL labels "
+                             f"(first: {missing[0]!r}); give every image a (possibly empty) list")
+        return [real[owner[k]] for k in range(len(ids))]
+    if isinstance(real, Sequence) and not isinstance(real, (str, bytes)):
+        if len(real) != len(ids):
+            raise ValueError(f"real_labels lists {len(real)} images but the source has {len(ids)}")
+        if _numeric(ids):
+            order = sorted(range(len(ids)), key=lambda k: int(ids[k]))
+        else:
+            shared = _dupes(names)
+            if shared:
+                raise ValueError(f"a ReaL label list follows the file names, but {len(shared)} file names "
+                                 f"occur in several folders (first: {shared[0][0]!r}, {shared[0][1]} times); "
+                                 "give an object {path relative to the folder: [labels]} instead")
+            order = sorted(range(len(ids)), key=lambda k: names[k])
+        sets: list[Any] = [None] * len(ids)
+        for entry, k in zip(real, order):
+            sets[k] = entry
+        return sets
+    raise ValueError("real_labels must be a JSON list of label lists or an object {image id: [labels]}")
+
+
+def _real_source(source: RealSource, image_ids: Sequence[str] | None
+                 ) -> tuple[list[str], list[Path] | None, torch.Tensor | None]:
+    """(ids, file paths or None, uint8 images or None) of a ReaL source."""
+    if isinstance(source, (str, Path)):
+        paths, ids = list_images(source)
+        return ids, paths, None
+    if isinstance(source, ImageFiles):
+        paths = [Path(p) for p in source.paths]
+        own = source.ids
+        images = None
+    else:
+        images = _check_images(source.images if isinstance(source, ImageTensors) else source)
+        own = source.ids if isinstance(source, ImageTensors) else None
+        paths = None
+    n = len(paths) if paths is not None else images.shape[0]
+    ids = [str(i) for i in (image_ids if image_ids is not None else own if own is not None else range(n))]
+    if len(ids) != n:
+        raise ValueError(f"image_ids has {len(ids)} entries for {n} images")
+    return ids, paths, images
+
+
 @torch.no_grad()
 def evaluate_real_labels(
     model: nn.Module,
-    source: str | Path | torch.Tensor,
+    source: RealSource,
     real_labels: Sequence[Sequence[int]] | Mapping[str, Sequence[int]] | str | Path,
     *,
     mean: Sequence[float],
@@ -320,35 +428,16 @@ def evaluate_real_labels(
 ) -> dict[str, Any]:
     """Multi-label ("ReaL") top-1 and top-5: right if the prediction is in the image's label set.
 
-    ``source``: a folder (every image file below it, sorted by file name; ids are file names) or
-    uint8 images (N, C, H, W) (ids ``image_ids`` or "0".."N-1"). ``real_labels``: JSON list of
-    label lists in image order, or ``{image id or file stem: [class indices]}``. Images with an
+    ``source``: a folder (every image file below it; ids are paths relative to it), a data split
+    (``ImageTensors`` / ``ImageFiles``, ids as the data layer gives them: for a folder source the
+    same relative paths), or uint8 images (N, C, H, W) (ids ``image_ids`` or "0".."N-1").
+    ``real_labels``: JSON object or list, matched as ``real_label_sets`` says. Images with an
     empty label set are skipped (counted in ``n_skipped``). ECE is None (undefined for sets).
     """
     _check_common(img_size, batch_size, in_chans, crop_pct)
     real = _load_json(real_labels, "ReaL labels")
-    if isinstance(source, (str, Path)):
-        paths = list_images(source)
-        ids = [p.name for p in paths]
-        images = None
-    else:
-        images, paths = _check_images(source), []
-        ids = [str(i) for i in (image_ids if image_ids is not None else range(images.shape[0]))]
-        if len(ids) != images.shape[0]:
-            raise ValueError(f"image_ids has {len(ids)} entries for {images.shape[0]} images")
-    if isinstance(real, Mapping):
-        sets = []
-        for i in ids:
-            key = i if i in real else Path(i).stem
-            if key not in real:
-                raise ValueError(f"real_labels has no entry for image {i!r}; give every image a (possibly empty) list")
-            sets.append(real[key])
-    elif isinstance(real, Sequence) and not isinstance(real, str):
-        if len(real) != len(ids):
-            raise ValueError(f"real_labels lists {len(real)} images but the source has {len(ids)}")
-        sets = list(real)
-    else:
-        raise ValueError("real_labels must be a JSON list of label lists or an object {image id: [labels]}")
+    ids, paths, images = _real_source(source, image_ids)
+    sets = real_label_sets(ids, real)
     try:
         label_sets = [sorted({int(c) for c in s}) for s in sets]
     except (TypeError, ValueError):
@@ -365,7 +454,7 @@ def evaluate_real_labels(
     try:
         with tqdm(total=keep.numel(), desc="evaluate ReaL", unit="img", disable=not progress) as bar:
             for x_u8, pos in batches:
-                logits = model_logits(model, preprocess(x_u8, mean, std, img_size).to(device)).cpu()
+                logits = model_logits(model, preprocess(x_u8, mean, std, img_size, crop_pct).to(device)).cpu()
                 index = keep[pos] if images is None else pos  # folder batches count kept images
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 for row, i in zip(top.tolist(), index.tolist()):
@@ -379,5 +468,6 @@ def evaluate_real_labels(
                 bar.update(pos.numel())
     finally:
         model.train(was_training)
+    where = source if isinstance(source, (str, Path)) else "tensors"
     return {"kind": "real_labels", "top1": top1 / n, "top5": top5 / n, "ece": None, "n": n,
-            "n_skipped": len(ids) - n, "settings": _settings(source, img_size, batch_size, mean, std, crop_pct)}
+            "n_skipped": len(ids) - n, "settings": _settings(where, img_size, batch_size, mean, std, crop_pct)}

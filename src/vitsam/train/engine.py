@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
 from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
+from ..data.record import save_data_record
 from ..data.errors import DataError
 from ..data.sample import random_subset
 from ..eval.metrics import evaluate
@@ -270,6 +271,7 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     tl, cfg_dict = tr.timeline, to_dict(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    save_data_record(run_dir, tr.bundle)  # data.json: the mean/std and preprocessing eval feeds the model with
     metrics_path = run_dir / "metrics.jsonl"
     step, wall_before, meter = 0, 0.0, _Meter()
     if resume is not None:

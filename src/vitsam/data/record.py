@@ -1,0 +1,61 @@
+"""What a run folder records about its data: ``data.json``.
+
+Written once per run by the training engine (``save_data_record(run_dir, bundle)``) and read by
+every evaluation of the run, so a model is always fed as it was trained: normalised with the
+``mean``/``std`` of the training images it actually saw (after any ``train_fraction`` subset) and
+preprocessed with its ``crop_pct`` (``vitsam.data.preprocess``), whatever data it is evaluated on.
+Fields::
+
+    format         "vitsam-data/1"
+    mean, std      per channel, 0-1 scale
+    in_chans, img_size, native_size, classes, train_images, description
+    preprocessing  preprocess.describe(img_size, crop_pct)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_json, read_json
+from .errors import DataError
+from .preprocess import check_crop_pct, describe
+from .tensors import DataBundle
+
+RECORD_FILE = "data.json"
+FORMAT = "vitsam-data/1"
+
+
+def data_record(bundle: DataBundle) -> dict[str, Any]:
+    """The JSON record of ``bundle`` (see the module docstring)."""
+    return {"format": FORMAT, "mean": [float(v) for v in bundle.mean], "std": [float(v) for v in bundle.std],
+            "in_chans": int(bundle.in_chans), "img_size": int(bundle.img_size),
+            "native_size": int(bundle.native_size), "classes": list(bundle.classes),
+            "train_images": len(bundle.train), "description": bundle.description,
+            "preprocessing": describe(bundle.img_size, bundle.crop_pct)}
+
+
+def save_data_record(run_dir: str | Path, bundle: DataBundle) -> Path:
+    """Write ``run_dir/data.json`` for ``bundle`` (atomically); returns its path."""
+    path = Path(run_dir) / RECORD_FILE
+    atomic_write_json(path, data_record(bundle))
+    return path
+
+
+def load_data_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The checked record of ``run_dir``, or None if the run predates it (no ``data.json``)."""
+    path = Path(run_dir) / RECORD_FILE
+    if not path.exists():
+        return None
+    rec = read_json(path, "data record", "delete it to fall back to statistics recomputed from the run's data")
+    try:
+        if rec.get("format") != FORMAT:
+            raise ValueError(f"format {rec.get('format')!r}")
+        n = int(rec["in_chans"])
+        mean, std = [float(v) for v in rec["mean"]], [float(v) for v in rec["std"]]
+        if len(mean) != n or len(std) != n or any(s <= 0 for s in std):
+            raise ValueError("mean/std do not have one positive value per channel")
+        check_crop_pct(rec["preprocessing"]["crop_pct"])
+    except (AttributeError, KeyError, TypeError, ValueError, DataError) as err:
+        raise DataError(f"{path} is not a valid {FORMAT} record ({str(err).splitlines()[0] or type(err).__name__}); "
+                        "delete it to fall back to statistics recomputed from the run's data") from None
+    return rec
