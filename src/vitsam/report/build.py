@@ -103,6 +103,7 @@ def _study_view(folder: Path, rec: dict[str, Any], t: dict[str, Any]) -> dict[st
             "seeds": ", ".join(str(s) for s in rec["seeds"]), "n_cells": len(rec["grid"]),
             "command": rec.get("command"), "failed": ", ".join(failed),
             "wall": f"{wall / 60:.1f} min" if wall else None,
+            "scale_notes": rec.get("scale_notes", ""),
             "headers": [tables.COLUMNS[c][0] for c in cols], "columns": cols,
             "rows": rows, "diffs": diffs,
             "note": (f"Matched loss L* = {t['matched_loss']:.4f}: the lowest training-batch loss "
@@ -221,6 +222,8 @@ def build_report(dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]
         md += [f"## {v['name']}: {v['description']}", "",
                f"scale {v['scale']}; seeds {v['seeds']}; {v['n_cells']} cells"
                + (f"; wall time {v['wall']}" if v["wall"] else "") + ".", ""]
+        if v["scale_notes"]:
+            md += [v["scale_notes"][0].upper() + v["scale_notes"][1:] + ".", ""]
         if v["command"]:
             md += [f"Command: `{v['command']}`", ""]
         if v["failed"]:

@@ -33,6 +33,7 @@ code, pre { background: #f5f5f5; padding: 0.1em 0.3em; }
 <p class="meta">scale <b>{{ s.scale }}</b>; seeds {{ s.seeds }}; {{ s.n_cells }} cells
 {%- if s.wall %}; wall time {{ s.wall }}{% endif %}.
 {% if s.command %}Command: <code>{{ s.command }}</code>{% endif %}</p>
+{% if s.scale_notes %}<p class="meta">{{ s.scale_notes }}.</p>{% endif %}
 {% if s.failed %}<p class="failed">Failed cells: {{ s.failed }}</p>{% endif %}
 <table class="results" data-study="{{ s.name }}">
 <thead><tr><th>model</th>{% for h in s.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead>

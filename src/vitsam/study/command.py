@@ -31,7 +31,7 @@ def add_study(sub: Any) -> None:
     s.add_argument("name", metavar="NAME", help=f"one of {', '.join(STUDIES)}")
     s.add_argument("--scale", default="smoke", choices=SCALES,
                    help="smoke (seconds), cpu (2 cores, about an hour), gpu, paper")
-    s.add_argument("--out", required=True, help="study folder (one run folder per cell)")
+    s.add_argument("--out", help="study folder (one run folder per cell); required unless --list")
     s.add_argument("--data", help="data source for every cell (as data.source)")
     s.add_argument("--root", help="data root for every cell (as data.root)")
     s.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
@@ -59,6 +59,8 @@ def _cmd_study(args: argparse.Namespace) -> None:
             print(f"{c.name:<28} {c.config.model.name} {dict(c.config.model.kwargs)} "
                   f"fraction={c.config.data.train_fraction:g} sam={c.config.optim.sam}")
         return
+    if not args.out:
+        raise ConfigError("--out is required: the study folder that holds one run folder per cell")
     command = "vitsam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     failure = None
     try:

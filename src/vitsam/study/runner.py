@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, RunConfig
 from ..io import atomic_write_json
-from .presets import Cell, Study, cell_overrides, describe, study_cells
+from .presets import SCALE_NOTES, Cell, Study, cell_overrides, describe, study_cells
 from .stages import pending, run_cell
 from .tables import write_tables
 
@@ -88,7 +88,8 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // workers)
     record: dict[str, Any] = {"study": study.name, "description": study.description,
-                              "scale": scale, "seeds": list(seeds), "workers": workers,
+                              "scale": scale, "scale_notes": SCALE_NOTES[scale],
+                              "seeds": list(seeds), "workers": workers,
                               "overrides": list(overrides), "data": data, "root": root,
                               "command": command, "stages": list(study.stages),
                               "columns": list(study.columns), "grid": describe(cells),
