@@ -135,8 +135,9 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
         atomic_write_json(rec_path, record)
         bar.update(1)
         failed = sum(1 for e in record["cells"].values() if e["status"] == "failed")
+        left = len([n for n in args if n not in record["cells"]])
         bar.set_postfix(done=len(record["cells"]) - failed, failed=failed,
-                        running=len(todo) - len([n for n in args if n in record["cells"]]))
+                        running=min(workers, left), waiting=max(0, left - workers))
 
     if workers == 1:
         for c in todo:
