@@ -1,5 +1,6 @@
 import json
 import math
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def hand_rollout(att: np.ndarray, discard: float = 0.0) -> np.ndarray:
         r = np.eye(t)
         for blk in att:
             m = sum(blk[b, h] for h in range(heads)) / heads
-            k = int(discard * t * t)
+            k = int(Decimal(str(discard)) * t * t)  # floor of the decimal product
             if k:
                 order = np.argsort(m, axis=None, kind="stable")[:k]
                 m = m.copy()
@@ -92,6 +93,19 @@ def test_rollout_matches_hand_computation_for_a_batch(discard):
     np.testing.assert_allclose(got, want, atol=1e-12)
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-12)  # rows, not columns, are normalised
     assert not np.allclose(got[0], got[1])  # each image keeps its own rollout
+
+
+@pytest.mark.parametrize("discard", [0.47, 0.57, 0.59, 0.83, 0.29, 0.295, 0.5])
+def test_rollout_discards_the_written_fraction_exactly(discard):
+    # T = 10: 100 entries, of which 0.57 is 57 (the float product 0.57 * 10 * 10 is 56.99999999999999);
+    # (0.295: 29.5, floored); ratios up to 0.9, so only off-diagonal entries (the smallest) go
+    g = torch.Generator().manual_seed(0)
+    att = torch.rand(1, 1, 10, 10, generator=g) + 0.1 + 10 * torch.eye(10)  # diagonal never discarded
+    att = att / att.sum(-1, keepdim=True)
+    got = am.rollout([att], discard)
+    assert int((got == 0).sum()) == int(Decimal(str(discard)) * 100)
+    np.testing.assert_allclose(got.numpy(), hand_rollout(att[None].double().numpy(), discard)[0:1],
+                               atol=1e-12)
 
 
 def test_rollout_tiny_exact_numbers():

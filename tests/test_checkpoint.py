@@ -124,6 +124,26 @@ def test_derived_runs_never_overwrite_a_training_run(tmp_path) -> None:
     assert ck.list_checkpoints(tmp_path / "trained") == ["step-00000001"]
 
 
+def test_a_derived_run_carries_its_source_runs_data_record(tmp_path) -> None:
+    from vitsam.data import load_data_record
+    from vitsam.data.record import FORMAT, RECORD_FILE
+    from vitsam.data.preprocess import describe
+    from vitsam.io import atomic_write_json
+
+    model, spec = _model()
+    rec = {"format": FORMAT, "mean": [0.25], "std": [0.5], "in_chans": 1, "img_size": 16, "native_size": 16,
+           "classes": [str(i) for i in range(10)], "train_images": 7, "description": "d",
+           "preprocessing": describe(16, 0.875)}
+    ck.save_model_run(tmp_path / "src", model, spec, {"name": "s"})
+    atomic_write_json(tmp_path / "src" / RECORD_FILE, rec)
+    ck.save_model_run(tmp_path / "derived", model, spec, {"name": "p"}, data_from=tmp_path / "src")
+    assert load_data_record(tmp_path / "derived") == rec
+    # Re-derived from a run without a record: the earlier derivation's record does not stay.
+    ck.save_model_run(tmp_path / "bare", model, spec, {"name": "b"})
+    ck.save_model_run(tmp_path / "derived", model, spec, {"name": "p"}, data_from=tmp_path / "bare")
+    assert load_data_record(tmp_path / "derived") is None
+
+
 def test_merge_json_keeps_a_damaged_file_aside(tmp_path, capsys) -> None:
     from vitsam.io import merge_json, read_json
 

@@ -175,3 +175,25 @@ def test_a_part_damaged_after_recording_is_caught_at_the_end_of_a_build(tmp_path
     monkeypatch.undo()
     _build(out, FIRST)
     assert C.load_corruption_set(out, complete=True)["complete"]
+
+
+def test_corrupt_command_says_when_the_set_is_still_incomplete(tmp_path, monkeypatch, capsys):
+    # Another build of this folder asked for gaussian_noise 1 and has not built it (still running,
+    # or interrupted): this build finishes its own part, and says the set is not complete yet.
+    from vitsam.cli import main
+
+    out = str(tmp_path / "set")
+    argv = ["corrupt", "--out", out, "--limit", "3", "--severities", "1", "--params", "cifar-c",
+            "--workers", "0", "--quiet", "--corruptions"]
+    _interrupt_after(monkeypatch, 0)
+    assert main([*argv, "gaussian_noise"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "contrast"]) == 0
+    said = capsys.readouterr().out.splitlines()[0]
+    assert "incomplete" in said and "1 of 2 requested parts" in said and "(gaussian_noise 1)" in said
+    assert "re-run" in said and "another `vitsam corrupt`" in said and not said.endswith(f"-> {out}")
+    assert main([*argv, "gaussian_noise"]) == 0  # the re-run completes the set
+    said = capsys.readouterr().out.splitlines()[0]
+    assert said.endswith(f"-> {out}") and "incomplete" not in said
+    assert C.load_corruption_set(out, complete=True)["corruptions"] == ["gaussian_noise", "contrast"]

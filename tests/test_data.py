@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,18 @@ def test_fraction_keeps_rounded_per_class_counts_and_is_seeded():
     assert len(torch.unique(idx)) == len(idx)
     with pytest.raises(DataError):
         stratified_fraction(labels, 0.0, seed=0)
+
+
+def test_fraction_counts_are_the_exact_decimal_products():
+    """Class c has c + 1 images; every fraction 0.01..0.99 keeps round-half-up(f x n_c) of each,
+    computed in decimal (0.35 x 90 = 31.5 -> 32; the float product 31.499999999999996 gave 31)."""
+    sizes = torch.arange(1, 121)
+    labels = torch.repeat_interleave(torch.arange(120), sizes)
+    assert torch.bincount(labels[stratified_fraction(labels, 0.35, seed=0)])[89] == 32
+    for f in [i / 100 for i in range(1, 100)]:
+        got = torch.bincount(labels[stratified_fraction(labels, f, seed=0)], minlength=120)
+        want = [int((Decimal(str(f)) * n).to_integral_value(ROUND_HALF_UP)) for n in sizes.tolist()]
+        assert got.tolist() == want, f
 
 
 def test_bundle_fraction_subset(cache_dir, mnist):

@@ -266,6 +266,14 @@ def test_corruption_folder_tree(tmp_path):
     assert res["params"] == "folders" and not res["complete_standard"]
 
 
+def test_corruption_folders_without_severities_is_a_one_line_error(tmp_path):
+    write_folder(tmp_path / "c" / "fog", {"cat": [0], "dog": [1]})  # classes directly under the corruption
+    with pytest.raises(ValueError, match=r"no severity sub-folders.*<corruption>/<severity>/<class>") as err:
+        R.evaluate_corruption_folders(TableModel(torch.eye(4)), tmp_path / "c", mean=ZERO, std=ONE,
+                                      img_size=8, progress=False)
+    assert str(tmp_path / "c") in str(err.value) and "fog" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_class_mapped_scores_every_mapped_class_even_without_images():
     # Only class "a" (-> training class 1) has images; "b" maps to training class 3, which the
     # model prefers over 1: restricted to the mapped classes {1, 3}, every prediction is 3: wrong.

@@ -1,4 +1,4 @@
-"""Every analysis gives each module its own train/eval mode back, not one flag for the tree."""
+"""Every analysis and evaluation gives each module its own train/eval mode back, not one flag for the tree."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from vitsam.analysis import attention, hessian, landscape, ntk, prune, sparsity
+from vitsam.eval import shifts, throughput
+from vitsam.eval.metrics import evaluate
 from vitsam.models import check_forward
 
 
@@ -40,14 +42,46 @@ ANALYSES = {
 }
 
 
+def uint8_images() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 256, (4, 1, 8, 8), generator=g, dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+
+
+_NORM = {"mean": (0.5,), "std": (0.25,), "img_size": 8, "in_chans": 1, "progress": False}
+EVALUATORS = {
+    "evaluate": lambda m: evaluate(m, batches()),
+    "class_mapped": lambda m: shifts.evaluate_class_mapped(m, uint8_images(), {"0": 0, "1": 1, "2": 2},
+                                                           **_NORM),
+    "test_folder": lambda m: shifts.evaluate_folder(m, uint8_images(), ["0", "1", "2"], **_NORM),
+    "real_labels": lambda m: shifts.evaluate_real_labels(m, uint8_images()[0], [[0], [1, 2], [], [2]],
+                                                         **_NORM),
+    "inference_throughput": lambda m: throughput.inference_throughput(m, 2, 8, in_chans=1, warmup=1,
+                                                                      repeats=1),
+}
+
+
 @pytest.mark.parametrize("root_training", [True, False])
-@pytest.mark.parametrize("name", list(ANALYSES))
+@pytest.mark.parametrize("name", list(ANALYSES) + list(EVALUATORS))
 def test_each_module_keeps_its_mode(name, root_training):
     model = mixed_vit(root_training)
     modes = {n: m.training for n, m in model.named_modules()}
     assert len(set(modes.values())) == 2  # really mixed
-    ANALYSES[name](model, batches())
+    if name in ANALYSES:
+        ANALYSES[name](model, batches())
+    else:
+        EVALUATORS[name](model)
     assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize("name", list(EVALUATORS))
+def test_evaluators_run_every_module_in_eval_mode(name):
+    """Inside, the whole tree is in eval mode (dropout off), whatever the modes outside."""
+    model = mixed_vit(True)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, _: seen.append(any(x.training for x in m.modules())))
+    EVALUATORS[name](model)
+    hook.remove()
+    assert seen and not any(seen)
 
 
 def test_eval_mode_restores_each_module_also_after_an_error():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import pytest
 import timm
@@ -134,16 +135,17 @@ def test_build_from_spec_rebuilds_pruned_model() -> None:
 
 
 class _Tokens(nn.Module):
-    """One residual ReLU MLP on tokens (B, T, 4) with fc1 = identity, then a linear head."""
+    """One residual MLP on tokens (B, T, 4), then a linear head; 4 ReLU units: fc1 = identity."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 4, act_layer: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([nn.Module()])
-        self.blocks[0].mlp = Mlp(4, 4, act_layer=nn.ReLU)
+        self.blocks[0].mlp = Mlp(4, hidden, act_layer=act_layer)
         self.head = nn.Linear(4, 3)
-        with torch.no_grad():
-            self.blocks[0].mlp.fc1.weight.copy_(torch.eye(4))
-            self.blocks[0].mlp.fc1.bias.zero_()
+        if hidden == 4:
+            with torch.no_grad():
+                self.blocks[0].mlp.fc1.weight.copy_(torch.eye(4))
+                self.blocks[0].mlp.fc1.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head((x + self.blocks[0].mlp(x)).mean(1))
@@ -171,6 +173,20 @@ def test_ratio_removes_least_active_first() -> None:
         prune_model(nn.Sequential(nn.Linear(4, 2)), [torch.randn(2, 4)])
 
 
+@pytest.mark.parametrize("ratio", [0.35, 0.3, 0.5])
+def test_ratio_removes_the_exact_decimal_share(ratio: float) -> None:
+    """90 GELU units (none dead): round(ratio x 90) go, halves to even, computed in decimal
+    (0.35 x 90 = 31.5 -> 32; the float product 31.499999999999996 gave 31)."""
+    torch.manual_seed(0)
+    model = _Tokens(hidden=90, act_layer=nn.GELU).eval()
+    x = torch.randn(2, 20, 4)
+    want = int((Decimal(str(ratio)) * 90).to_integral_value(ROUND_HALF_EVEN))
+    _, report = prune_model(model, [x], ratio=ratio)
+    assert report["dead_units"] == 0 and report["removed"] == want
+    curve = prune_curve(model, [x], [(x, torch.zeros(2, dtype=torch.long))], ratios=(ratio,))
+    assert curve["removed_fraction"] == [want / 90]
+
+
 def test_prune_curve_ratio_zero_equals_unpruned_accuracy(tmp_path) -> None:
     torch.manual_seed(0)
     model = _vit()
@@ -187,9 +203,12 @@ def test_prune_curve_ratio_zero_equals_unpruned_accuracy(tmp_path) -> None:
     assert paths[0].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_prune_run_writes_loadable_run(tmp_path, monkeypatch) -> None:
+def test_prune_run_writes_loadable_run(tmp_path, monkeypatch, capsys) -> None:
     from vitsam.config import ModelConfig, RunConfig, to_dict
     from vitsam.data import DataConfig, build_data, eval_batches
+    from vitsam.data.record import RECORD_FILE, data_record
+    from vitsam.eval.runner import run_inputs
+    from vitsam.io import atomic_write_json
     from vitsam.models import create_model, make_spec
     from vitsam.train.checkpoint import load_run, save_model_run
 
@@ -204,6 +223,9 @@ def test_prune_run_writes_loadable_run(tmp_path, monkeypatch) -> None:
     data_cfg = DataConfig(source="digits", augment="none")
     config = to_dict(RunConfig(data=data_cfg, model=ModelConfig("vit-t4", kwargs)))
     src = save_model_run(tmp_path / "src", model, spec, config)
+    # The statistics the run was trained with (here unlike those recomputed from its data).
+    record = {**data_record(build_data(data_cfg)), "mean": [0.25], "std": [0.5]}
+    atomic_write_json(src / RECORD_FILE, record)
 
     report = prune_run(src, tmp_path / "pruned", calib=64, batch_size=128, finetune_steps=2,
                        measure_speed=False, curve_ratios=(0.0, 0.5), progress=False)
@@ -222,3 +244,8 @@ def test_prune_run_writes_loadable_run(tmp_path, monkeypatch) -> None:
     assert report["finetune"]["test_acc"] == tuned / len(bundle.test)
     saved = json.loads((tmp_path / "pruned" / "prune.json").read_text())
     assert saved["removed"] == 64 and saved["params_after"] == report["params_after"]
+    # Evaluating the pruned run feeds its model as the source run's was fed, with no fallback.
+    capsys.readouterr()
+    feed = run_inputs(load_run(tmp_path / "pruned"))
+    assert feed == run_inputs(load_run(src)) and feed["from"] == RECORD_FILE and feed["mean"] == [0.25]
+    assert "warning" not in capsys.readouterr().err

@@ -199,7 +199,7 @@ def _add_corrupt(sub: Any) -> None:
 
 
 def _cmd_corrupt(args: argparse.Namespace) -> None:
-    from .data.corruptions import build_corruption_set, contact_sheet
+    from .data.corruptions import build_corruption_set, contact_sheet, incomplete_reason, load_corruption_set
     from .eval.runner import corruption_source
 
     try:
@@ -227,9 +227,17 @@ def _cmd_corrupt(args: argparse.Namespace) -> None:
     sheet = contact_sheet(images[0], Path(out) / "contact_sheet.png", params=args.params,
                           corruptions=names, severities=severities, extra=args.extra,
                           seed=args.seed)
-    print(f"{len(labels)} images x {len(names or []) or (19 if args.extra else 15)} corruptions "
-          f"x {len(severities)} severities ({args.params} parameters) -> {out}\n"
-          f"contact sheet -> {sheet}")
+    built = (f"{len(labels)} images x {len(names or []) or (19 if args.extra else 15)} corruptions "
+             f"x {len(severities)} severities ({args.params} parameters)")
+    # Parts other builds of this folder requested may still be missing (one may still be running).
+    why = incomplete_reason(load_corruption_set(out))
+    if why:
+        print(f"{built} built in {out}, but the set is incomplete: {why}; another `vitsam corrupt` "
+              f"on {out} may still be building them (evaluate once it ends), else re-run "
+              f"`vitsam corrupt --out {out}` with the arguments that asked for them\n"
+              f"contact sheet -> {sheet}")
+    else:
+        print(f"{built} -> {out}\ncontact sheet -> {sheet}")
 
 
 def register_all() -> list[Callable[[Any], None]]:

@@ -7,7 +7,8 @@ logits are unchanged up to float rounding) and derives:
 * **last-block map**: the class token's attention row of the last block over the patch tokens,
   per head and averaged over heads.
 * **rollout** (Abnar & Zuidema, 2020): per block the heads are averaged, optionally the smallest
-  ``discard_ratio`` fraction of each image's T x T entries is set to zero, the identity is added
+  ``floor(discard_ratio * T * T)`` of each image's T x T entries (exact product: 0.29 of 100
+  entries is 29) are set to zero, the identity is added
   (residual connection) and every *row* is re-normalised to sum to 1; the blocks are multiplied
   ``R = A_L ... A_2 A_1`` and the class-token row of ``R`` over the patch tokens is the map. All of
   this is batched: each image has its own matrices.
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from vitsam.exact import scaled
 from vitsam.models.attention import attention_modules, capture_attention
 from vitsam.models.modes import eval_mode
 
@@ -133,8 +135,8 @@ def entropy(dist: Tensor) -> Tensor:
 def rollout(attentions: Sequence[Tensor], discard_ratio: float = 0.0) -> Tensor:
     """Attention rollout over blocks in forward order: list of (B, heads, T, T) -> (B, T, T).
 
-    Per block: mean over heads, zero the smallest ``discard_ratio`` fraction of each image's
-    T*T entries, add the identity, renormalise rows to 1. Returns ``A_L @ ... @ A_1`` in float64.
+    Per block: mean over heads, zero the smallest ``floor(discard_ratio * T * T)`` (exact) of each
+    image's T*T entries, add the identity, renormalise rows to 1. Returns ``A_L @ ... @ A_1`` in float64.
     """
     if not attentions:
         raise AttentionError("rollout needs at least one block's attention")
@@ -144,7 +146,7 @@ def rollout(attentions: Sequence[Tensor], discard_ratio: float = 0.0) -> Tensor:
             raise AttentionError(f"each attention must be (batch, heads, T, T), got {tuple(a.shape)}")
         m = a.double().mean(dim=1)
         b, t, _ = m.shape
-        k = int(discard_ratio * t * t)
+        k = scaled(discard_ratio, t * t, math.floor)
         if k > 0:
             flat = m.reshape(b, t * t).clone()
             idx = flat.topk(k, dim=-1, largest=False).indices

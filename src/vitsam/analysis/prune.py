@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vitsam.analysis.sparsity import UnitStats, batch_inputs, record_units
+from vitsam.exact import scaled
 from vitsam.models import count_params
 from vitsam.models.attention import math_attention
 from vitsam.models.modes import eval_mode, restore_modes
@@ -174,9 +175,10 @@ def prune_model(model: nn.Module, calib_batches: Iterable[Any], ratio: float | N
 
     calib_batches: ``(x, y)`` or x batches, x float (B, C, H, W) normalised. Removes every dead
     unit (``|output| <= tol`` on all calibration images and positions; see the module docstring),
-    and with ``ratio`` the least active units until at least ``ratio`` of all MLP units are gone.
-    Each MLP keeps at least ``min_keep`` units. The report holds per-MLP unit counts, parameters
-    before/after, the largest logit change and the argmax agreement on the calibration set.
+    and with ``ratio`` the least active units until ``round(ratio x units)`` of all MLP units are
+    gone (exact product, halves to even; at least the dead ones). Each MLP keeps at least
+    ``min_keep`` units. The report holds per-MLP unit counts, parameters before/after, the largest
+    logit change and the argmax agreement on the calibration set.
     """
     _check_settings(ratio, tol, criterion, min_keep)
     batches = list(calib_batches)
@@ -184,7 +186,7 @@ def prune_model(model: nn.Module, calib_batches: Iterable[Any], ratio: float | N
     rows = _unit_table(model, stats, tol)
     total = sum(r["units"] for r in rows)
     n_dead = int(sum(r["dead"].sum() for r in rows))
-    target = n_dead if ratio is None else max(n_dead, round(float(ratio) * total))
+    target = n_dead if ratio is None else max(n_dead, scaled(ratio, total, round))
     keep = _plan(rows, target, criterion, min_keep)
     pruned = _apply(model, keep)
     worst, agree = _logit_change(pruned, batches, ref)
@@ -222,9 +224,10 @@ def prune_curve(model: nn.Module, calib_batches: Iterable[Any],
                 ) -> dict[str, Any]:
     """Accuracy against the fraction of MLP units removed, least active first, no retraining.
 
-    For each ratio r exactly round(r x units) units are removed (fewer only where ``min_keep``
-    forbids), so r = 0 is the unpruned model. eval_batches: ``(x, y)`` batches, or a function
-    returning a fresh iterator of them (to avoid holding a large set in memory).
+    For each ratio r exactly round(r x units) units are removed (exact product: 0.35 of 90 units
+    is 31.5, so 32; halves to even; fewer only where ``min_keep`` forbids), so r = 0 is the
+    unpruned model. eval_batches: ``(x, y)`` batches, or a function returning a fresh iterator of
+    them (to avoid holding a large set in memory).
     """
     for r in ratios:
         _check_settings(r, tol, criterion, min_keep)
@@ -244,7 +247,7 @@ def prune_curve(model: nn.Module, calib_batches: Iterable[Any],
                            "base_accuracy": _accuracy(model, evals()),
                            "base_params": count_params(model)}
     for r in tqdm(ratios, desc="prune curve", disable=_bar_off(progress)):
-        keep = _plan(rows, round(float(r) * total), criterion, min_keep)
+        keep = _plan(rows, scaled(r, total, round), criterion, min_keep)
         pruned = _apply(model, keep)
         kept = sum(len(k) for k in keep.values())
         out["ratios"].append(float(r))
@@ -410,7 +413,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
                          extra={"pruned_from": str(run.run_dir), "prune": {
                              k: report[k] for k in ("ratio", "tol", "criterion", "removed",
                                                     "units_before", "calib_images")}},
-                         step=run.step)
+                         step=run.step, data_from=run.run_dir)
     if curve_ratios is not None:
         report["figures"] = [str(p) for p in figures(report["curve"], out)]
     report["out_dir"] = str(out)

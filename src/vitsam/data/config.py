@@ -22,7 +22,9 @@ class DataConfig:
     ``../shared/data``), ``imagefolder``
     (``root/train/<class>/*`` and ``root/<val_split>/<class>/*``), ``cifar10`` / ``cifar100``
     (the python-pickle folders). ``img_size=None`` keeps the native size of the source (224 for
-    large-image folders). ``train_fraction`` keeps a seeded, stratified share of the training set.
+    large-image folders). ``train_fraction`` keeps a seeded, stratified share of the training set:
+    ``train_fraction x n`` images of each class of n, the product taken exactly as written, halves
+    up (``vitsam.data.split.stratified_fraction``).
     ``augment``: ``none``, ``basic`` (crop + flip) or ``strong`` (basic + RandAugment(2, 15) +
     Mixup(0.5)). ``cache_dir`` is replaced by ``$VITSAM_CACHE`` when left at its default.
     ``workers``: DataLoader worker processes for large-image folders (0 = decode in-process).

@@ -497,16 +497,23 @@ def load_corruption_set(set_dir: str | Path, complete: bool = False) -> dict[str
     man = _read_manifest(set_dir)
     if man is None:
         raise CorruptionSetError(f"{set_dir} has no manifest.json, so it is not a corruption set; build one with `vitsam corrupt` (build_corruption_set)")
-    if complete and not (man.get("complete") and man.get("parts")):
-        missing = missing_parts(man)
-        n_req = len(requested_parts(man))
-        what = (f"{len(missing)} of {n_req} requested parts are not built yet ("
-                + ", ".join(f"{c} {s}" for c, s in missing[:3]) + (", ..." if len(missing) > 3 else "") + ")"
-                if missing else "its last build ended before verifying the parts")
+    if complete and (what := incomplete_reason(man)):
         raise CorruptionSetError(f"corruption set {set_dir} is incomplete: {what}; re-run `vitsam corrupt "
                                  f"--out {set_dir}` with the arguments that built it to finish it (or let a "
                                  "build still running end), then evaluate")
     return man
+
+
+def incomplete_reason(man: dict[str, Any]) -> str | None:
+    """Why the set of manifest ``man`` is not complete (a phrase naming the missing parts), or
+    None when the manifest says every requested part is built and verified."""
+    if man.get("complete") and man.get("parts"):
+        return None
+    missing = missing_parts(man)
+    if not missing:
+        return "its last build ended before verifying the parts"
+    listed = ", ".join(f"{c} {s}" for c, s in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return f"{len(missing)} of {len(requested_parts(man))} requested parts are not built yet ({listed})"
 
 
 def _load_checked(set_dir: Path, entry: dict[str, Any], verify: bool) -> np.ndarray:

@@ -1,7 +1,8 @@
 """What a run folder records about its data: ``data.json``.
 
-Written once per run by the training engine (``save_data_record(run_dir, bundle)``) and read by
-every evaluation of the run, so a model is always fed as it was trained: normalised with the
+Written once per run by the training engine (``save_data_record(run_dir, bundle)``), copied into
+runs derived from it (``copy_data_record``, e.g. a pruned model's) and read by every evaluation of
+the run, so a model is always fed as it was trained: normalised with the
 ``mean``/``std`` of the training images it actually saw (after any ``train_fraction`` subset) and
 preprocessed with its ``crop_pct`` (``vitsam.data.preprocess``), whatever data it is evaluated on.
 Fields::
@@ -38,6 +39,19 @@ def save_data_record(run_dir: str | Path, bundle: DataBundle) -> Path:
     """Write ``run_dir/data.json`` for ``bundle`` (atomically); returns its path."""
     path = Path(run_dir) / RECORD_FILE
     atomic_write_json(path, data_record(bundle))
+    return path
+
+
+def copy_data_record(src_run: str | Path, dst_run: str | Path) -> Path | None:
+    """Give the run derived in ``dst_run`` (e.g. pruned) the checked record of ``src_run``: the
+    data and its preprocessing are those of the source. Returns the new path, or None when the
+    source has no record (then ``dst_run`` keeps none either, not one of an earlier derivation)."""
+    rec = load_data_record(src_run)
+    path = Path(dst_run) / RECORD_FILE
+    if rec is None:
+        path.unlink(missing_ok=True)
+        return None
+    atomic_write_json(path, rec)
     return path
 
 

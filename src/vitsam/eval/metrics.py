@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.loader import normalise
 from ..data.preprocess import IN_MEMORY_CROP_FRACTION, eval_view
+from ..models.modes import eval_mode
 
 
 def _check_logits(logits: torch.Tensor, targets: torch.Tensor, what: str = "logits") -> None:
@@ -128,16 +129,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
              device: str | torch.device = "cpu", n_bins: int = 15) -> dict[str, float | int]:
     """Top-1, top-5, ECE and NLL of ``model`` over ``(x normalised float (B, C, H, W), y int (B,))``.
 
-    Runs in eval mode without gradients and restores the model's previous train/eval mode.
+    Runs in eval mode without gradients; every module's own train/eval mode is restored.
     """
-    was_training = model.training
-    model.eval()
     acc = MetricAccumulator(n_bins=n_bins)
-    try:
+    with eval_mode(model):
         for x, y in batches:
             acc.update(model_logits(model, x.to(device)), y)
-    finally:
-        model.train(was_training)
     return acc.result()
 
 

@@ -163,6 +163,10 @@ def evaluate_corruption_folders(
               "in_chans": in_chans, "crop_pct": crop_pct, "workers": workers, "progress": False}
     parts: dict[str, dict[int, dict[str, Any]]] = {}
     todo = [(c, s) for c in names for s in range(1, N_SEVERITIES + 1) if (root / c / str(s)).is_dir()]
+    if not todo:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ValueError(f"the corruption folders of {root} ({shown}) have no severity sub-folders "
+                         f"1..{N_SEVERITIES}; expected {root}/<corruption>/<severity>/<class>/<image>")
     for c, s in tqdm(todo, desc="corruptions", unit="part", disable=not progress):
         res = evaluate_folder(model, root / c / str(s), train_classes, **common)
         parts.setdefault(c, {})[s] = {k: res[k] for k in ("top1", "top5", "ece", "nll", "n")}

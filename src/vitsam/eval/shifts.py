@@ -40,6 +40,7 @@ from ..data.decode import IMAGE_EXTENSIONS, load_array
 from ..data.preprocess import eval_view
 from ..data.tensors import ImageFiles, ImageTensors
 from ..io import read_json
+from ..models.modes import eval_mode
 from .metrics import MetricAccumulator, model_logits, preprocess
 
 Source = str | Path | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
@@ -231,11 +232,9 @@ def evaluate_class_mapped(
     total = labels.numel()
     batches = (_path_batches(paths, batch_size, img_size, in_chans, crop_pct, workers) if images is None
                else _tensor_batches(images, torch.arange(total), batch_size))
-    was_training = model.training
-    model.eval()
     acc = MetricAccumulator()
     subset = torch.tensor(scored)
-    try:
+    with eval_mode(model):
         with tqdm(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
             for x_u8, pos in batches:
                 logits = model_logits(model, preprocess(x_u8, mean, std, img_size, crop_pct).to(device)).cpu()
@@ -248,8 +247,6 @@ def evaluate_class_mapped(
                     target = torch.searchsorted(subset, target)
                 acc.update(logits, target)
                 bar.update(pos.numel())
-    finally:
-        model.train(was_training)
     out: dict[str, Any] = {"kind": "class_mapped", **acc.result(), "restricted": restrict,
                            "n_classes_scored": len(scored) if restrict else None}
     out["settings"] = _settings(source, img_size, batch_size, mean, std, crop_pct)
@@ -447,11 +444,9 @@ def evaluate_real_labels(
         raise ValueError("every image has an empty ReaL label set; nothing to score")
     batches = (_path_batches([paths[int(i)] for i in keep], batch_size, img_size, in_chans, crop_pct, workers)
                if images is None else _tensor_batches(images, keep, batch_size))
-    was_training = model.training
-    model.eval()
     top1 = top5 = 0
     n = 0
-    try:
+    with eval_mode(model):
         with tqdm(total=keep.numel(), desc="evaluate ReaL", unit="img", disable=not progress) as bar:
             for x_u8, pos in batches:
                 logits = model_logits(model, preprocess(x_u8, mean, std, img_size, crop_pct).to(device)).cpu()
@@ -466,8 +461,6 @@ def evaluate_real_labels(
                     top5 += any(c in s for c in row)
                 n += top.shape[0]
                 bar.update(pos.numel())
-    finally:
-        model.train(was_training)
     where = source if isinstance(source, (str, Path)) else "tensors"
     return {"kind": "real_labels", "top1": top1 / n, "top5": top5 / n, "ece": None, "n": n,
             "n_skipped": len(ids) - n, "settings": _settings(where, img_size, batch_size, mean, std, crop_pct)}

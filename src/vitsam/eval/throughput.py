@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.modes import eval_mode
 from ..optim import SAM, train_step
 
 Timer = Callable[[], float]
@@ -92,30 +93,25 @@ def inference_throughput(
 ) -> dict[str, Any]:
     """Forward-pass throughput of ``model`` in eval mode on random (batch_size, in_chans, img_size, img_size) input.
 
-    Returns ``{images_per_s, images_per_s_per_core, ms_per_batch (median), settings}``. The
-    model's train/eval mode is restored afterwards; its weights are not touched.
+    Returns ``{images_per_s, images_per_s_per_core, ms_per_batch (median), settings}``. Every
+    module's own train/eval mode is restored afterwards; the weights are not touched.
     """
     _check_counts(batch_size, img_size, in_chans, warmup, repeats)
     dev = _device(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with _threads(threads):
-            x = torch.randn(batch_size, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(dev)
-            for _ in range(warmup):
-                model(x)
+    with eval_mode(model), _threads(threads):
+        x = torch.randn(batch_size, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(dev)
+        for _ in range(warmup):
+            model(x)
+        _sync(dev)
+        times = []
+        for _ in range(repeats):
+            t0 = timer()
+            model(x)
             _sync(dev)
-            times = []
-            for _ in range(repeats):
-                t0 = timer()
-                model(x)
-                _sync(dev)
-                times.append(timer() - t0)
-            settings = {"mode": "inference", "batch_size": batch_size, "img_size": img_size, "in_chans": in_chans,
-                        "warmup": warmup, "repeats": repeats}
-            return _summary(times, batch_size, dev, settings)
-    finally:
-        model.train(was_training)
+            times.append(timer() - t0)
+        settings = {"mode": "inference", "batch_size": batch_size, "img_size": img_size, "in_chans": in_chans,
+                    "warmup": warmup, "repeats": repeats}
+        return _summary(times, batch_size, dev, settings)
 
 
 def _constructor_kwargs(opt: torch.optim.Optimizer) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Train/eval mode switches that give every module its own mode back.
 
 ``model.train(was_training)`` restores one flag for the whole tree, so a block a user froze in
-eval mode (or a dropout a caller switched off) comes back in train mode. Every analysis and
-check that switches modes goes through ``restore_modes`` / ``eval_mode`` instead, which save
-and restore the ``training`` flag of each module separately.
+eval mode (or a dropout a caller switched off) comes back in train mode. Every analysis,
+evaluation and check that switches modes goes through ``restore_modes`` / ``eval_mode`` instead,
+which save and restore the ``training`` flag of each module separately.
 """
 from __future__ import annotations
 

@@ -3,6 +3,9 @@
 A run folder::
 
     config.json            full RunConfig
+    data.json              mean/std, classes and preprocessing of the training data, which every
+                           evaluation feeds the model with (``vitsam.data.record``); a derived
+                           run (``save_model_run``, e.g. pruned) carries its source run's
     metrics.jsonl          one JSON record per logged step / evaluation
     checkpoints/
         latest.json        {"name": "step-00000300", "step": ...}, rewritten atomically
@@ -11,6 +14,9 @@ A run folder::
                            state.json         step, epoch, model spec, config, optimiser and
                                               scheduler structure, RNG states, checksums
     final.json             test accuracy, wall time, images/s (when training finished)
+    analysis.json, eval.json   results of ``vitsam analyze`` / ``vitsam eval``
+    cell.json              study cells only: the marker of the stages done, written last
+                           (``vitsam.study.stages``)
 
 A checkpoint folder is written under a temporary name and renamed into place, and
 ``latest.json`` is replaced only after that, so an interruption never leaves a damaged
@@ -36,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.record import RECORD_FILE, copy_data_record
 from ..io import atomic_write_json, read_json, sha256_file
 
 FORMAT = "vitsam-checkpoint/1"
@@ -324,14 +331,20 @@ def check_new_run_dir(out_dir: str | Path, flag: str = "--out") -> Path:
 
 
 def save_model_run(out_dir: str | Path, model: nn.Module, model_spec: dict, config: dict,
-                   extra: dict | None = None, step: int = 0) -> Path:
+                   extra: dict | None = None, step: int = 0, data_from: str | Path | None = None) -> Path:
     """Write a new, complete run folder holding ``model`` (for derived models, e.g. pruned).
 
     ``out_dir`` must be new, empty, or an earlier derived run (see ``check_new_run_dir``).
+    ``data_from``: the run the model was derived from; its ``data.json`` (the normalisation and
+    preprocessing evaluation feeds the model with) is copied, as deriving does not change the data.
     """
     out = check_new_run_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", config)
+    if data_from is not None:
+        copy_data_record(data_from, out)
+    else:  # never keep the record of an earlier derived run written here
+        (out / RECORD_FILE).unlink(missing_ok=True)
     save_checkpoint(out, "final", model, model_spec, config, step=step, epoch=0, extra=extra)
     return out
 

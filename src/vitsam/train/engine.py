@@ -13,7 +13,6 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_
 from ..data.record import save_data_record
 from ..data.errors import DataError
 from ..data.sample import random_subset
+from ..exact import Rounding, scaled
 from ..eval.metrics import evaluate
 from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from ..models import check_forward, count_params, create_model, make_spec
@@ -38,24 +38,14 @@ from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_sta
 from .scalars import ScalarLog, check_tensorboard
 
 
-def epochs_to_steps(epochs: float, steps_per_epoch: int, rounding: Callable[[Fraction], int]) -> int:
-    """``rounding(epochs * steps_per_epoch)`` computed exactly.
-
-    A float such as 1.1 is taken as the decimal it was written as (its shortest repr, which
-    round-trips to the same float), not as its binary value 1.100000000000000088...: the
-    float product 1.1 * 100 = 110.00000000000001 would make ``ceil`` give 111 steps.
-    """
-    exact = Fraction(repr(epochs)) if isinstance(epochs, float) else Fraction(epochs)
-    return int(rounding(exact * steps_per_epoch))
-
-
 @dataclass(frozen=True)
 class Timeline:
     """Every duration of a run, in optimiser steps.
 
     The run lasts ceil(epochs * steps_per_epoch) steps (at least the epochs asked for); warm-up,
     evaluation and checkpoint intervals are the nearest whole number of steps (halves to even,
-    Python's ``round``), intervals at least 1. All products are exact (``epochs_to_steps``).
+    Python's ``round``), intervals at least 1. All products are exact (``vitsam.exact.scaled``:
+    epochs 1.1 at 100 steps per epoch is 110 steps, not the float product's ceil, 111).
     """
 
     steps_per_epoch: int
@@ -67,8 +57,8 @@ class Timeline:
 
     @classmethod
     def from_config(cls, t: TrainConfig, steps_per_epoch: int) -> "Timeline":
-        def steps(epochs: float, rounding: Callable[[Fraction], int] = round) -> int:
-            return epochs_to_steps(epochs, steps_per_epoch, rounding)
+        def steps(epochs: float, rounding: Rounding = round) -> int:
+            return scaled(epochs, steps_per_epoch, rounding)
 
         total = max(1, steps(t.epochs, math.ceil))
         if t.max_steps is not None:
