@@ -165,8 +165,6 @@ def _plugin_figures(folder: Path, rows: list[dict[str, Any]], fig_dir: Path, nam
     """Comparison figures of the analysis plug-ins and the corruption heatmap, from the saved
     results of every cell that has them."""
     from ..analysis.runner import draw
-    from ..eval.robustness import heatmap
-
     made = []
     per: dict[str, list[tuple[str, dict]]] = {}
     corr: list[tuple[str, dict]] = []
@@ -194,9 +192,11 @@ def _plugin_figures(folder: Path, rows: list[dict[str, Any]], fig_dir: Path, nam
             made.append(Figure(f"{name}: {p.stem.replace('_', ' ')}", p,
                                f"{captions[key]} Made by: {cmd}"))
     if corr:
-        p = heatmap(corr, fig_dir / f"{name}_corruptions.png")
+        p = figures.corruption_matrix(corr, fig_dir / f"{name}_corruptions.png")
         made.append(Figure(f"{name}: corruption accuracy", p,
-                           "Accuracy per corruption and severity on the study's shared -C set "
+                           "Accuracy % per corruption (mean over severities), with the clean "
+                           "accuracy of the same images and the mean over corruptions, on the "
+                           "study's shared -C set "
                            f"({corr[0][1].get('params')} parameters, {corr[0][1].get('n')} images)."
                            f" Made by: {cmd}"))
     return made

@@ -164,3 +164,31 @@ def sparsity_per_block(study_dir: Path, rows: Sequence[dict[str, Any]], path: Pa
     if drawn:
         ax.legend(fontsize=6)
     return _save(fig, path) if drawn else (plt.close(fig) or None)
+
+
+def corruption_matrix(labelled: Sequence[tuple[str, dict[str, Any]]], path: Path) -> Path | None:
+    """Accuracy per corruption (mean over severities) for every cell: one row per cell, the
+    clean and mean corruption accuracy in the first two columns."""
+    import numpy as np
+
+    if not labelled:
+        return None
+    names = list(labelled[0][1]["corruption_accuracy"])
+    rows = []
+    for _, r in labelled:
+        clean = (r.get("clean") or {}).get("top1", float("nan"))
+        rows.append([clean, r["mean_corruption_accuracy"],
+                     *[r["corruption_accuracy"].get(c, float("nan")) for c in names]])
+    data = 100 * np.array(rows, dtype=float)
+    cols = ["clean", "mean", *names]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(cols), 1.0 + 0.32 * len(labelled)))
+    im = ax.imshow(data, cmap="viridis", aspect="auto", vmin=0, vmax=max(1.0, np.nanmax(data)))
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                    color="w" if data[i, j] < 0.6 * np.nanmax(data) else "k")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labelled)), [lab for lab, _ in labelled], fontsize=7)
+    ax.axvline(1.5, color="w", lw=1.5)
+    fig.colorbar(im, ax=ax, label="accuracy %", fraction=0.03)
+    return _save(fig, path)
