@@ -28,7 +28,9 @@ def test_demo_smoke_trains_four_runs_and_prints_a_table(tmp_path, capsys) -> Non
            ["lambda_max"] for n in names[:2]]
     reading = next(line for line in out.splitlines() if line.startswith("vit: "))
     assert f"{vit[0]:.4g} -> {vit[1]:.4g}" in reading
-    assert ("As in the paper" in out) != ("Unlike the paper" in out)
+    gain = next(line for line in out.splitlines() if "help the ViT more" in line)
+    assert ("As in the paper" in gain) != ("Unlike the paper" in gain)
+    assert sum("flatten" in line and "the paper" in line for line in out.splitlines()) == 1
 
 
 def test_train_analyze_prune_chain(tmp_path, capsys) -> None:

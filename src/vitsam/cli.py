@@ -77,14 +77,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                        workers=args.workers, overrides=args.overrides, progress=not args.quiet,
                        command="vitsam demo")
     rows = collect(out, record)
-    print(f"\n{'run':<20} {'test acc':>9} {'train acc':>10} {'lambda_max':>11} {'(loss)':>8} "
-          f"{'time':>7} {'img/s':>6}  folder")
+    print(f"\n{'':<20} {'test':>7} {'train':>7} {'lambda_max (loss)':>19} {'lambda_max (loss)':>19}"
+          f"\n{'run':<20} {'acc':>7} {'acc':>7} {'training images':>19} {'shifted images':>19} "
+          f"{'time':>6} {'img/s':>6}  folder")
     for r in rows:
         final = json.loads((out / r["name"] / "final.json").read_text())
-        print(f"{r['name']:<20} {r['test_acc'] * 100:>8.2f}% {r['train_acc'] * 100:>9.2f}% "
-              f"{r.get('lambda_max', float('nan')):>11.4g} {r.get('lambda_max_loss', float('nan')):>8.4f} "
-              f"{final['wall_time_s']:>6.0f}s {final.get('train_images_per_s') or 0:>6.0f}  "
-              f"{out / r['name']}")
+        lam = [f"{r.get(k, float('nan')):.4g} ({r.get(k + '_loss', float('nan')):.3f})"
+               if k in r else "-" for k in ("lambda_max", "lambda_max_aug")]
+        print(f"{r['name']:<20} {r['test_acc'] * 100:>6.2f}% {r['train_acc'] * 100:>6.2f}% "
+              f"{lam[0]:>19} {lam[1]:>19} {final['wall_time_s']:>5.0f}s "
+              f"{final.get('train_images_per_s') or 0:>6.0f}  {out / r['name']}")
     print("\n" + demo_reading(rows))
     vit, vit_sam = (out / r["name"] for r in rows if r["family"] == "vit")
     print(f"\nNext: the loss landscapes and class-token attention of the two ViTs, and a report:\n"

@@ -19,19 +19,21 @@ def _pair(rows: Sequence[dict[str, Any]], family: str) -> tuple[dict, dict] | No
 def pair_reading(family: str, van: dict[str, Any], sam: dict[str, Any]) -> str:
     """SAM against vanilla for one family: curvature, accuracy, and whether it fit its data."""
     parts = []
-    if "lambda_max" in van and "lambda_max" in sam and sam["lambda_max"] > 0:
-        ratio = van["lambda_max"] / sam["lambda_max"]
-        verb = "lowered" if ratio > 1 else "raised"
-        parts.append(f"SAM {verb} lambda_max {van['lambda_max']:.4g} -> {sam['lambda_max']:.4g} "
-                     f"({ratio:.1f}x)" if ratio > 1 else
-                     f"SAM {verb} lambda_max {van['lambda_max']:.4g} -> {sam['lambda_max']:.4g}")
+    for key, where in (("lambda_max_aug", "on shifted training images"),
+                       ("lambda_max", "on the training images themselves")):
+        if key in van and key in sam and sam[key] > 0:
+            ratio = van[key] / sam[key]
+            change = f"lowered ({ratio:.1f}x)" if ratio > 1 else "raised"
+            loss = (f", at loss {van[key + '_loss']:.3g} vs {sam[key + '_loss']:.3g}"
+                    if key + "_loss" in van and key + "_loss" in sam else "")
+            parts.append(f"lambda_max {where} {van[key]:.4g} -> {sam[key]:.4g}: {change}{loss}")
     d = 100 * (sam["test_acc"] - van["test_acc"])
     parts.append(f"test accuracy {'+' if d >= 0 else ''}{d:.2f} points")
     fit = van.get("train_acc", 0.0) >= FIT
     regime = (f"vanilla fits its training data ({100 * van['train_acc']:.1f}% train)" if fit else
               f"vanilla still underfits ({100 * van['train_acc']:.1f}% train), where SAM is "
               "expected to cost accuracy")
-    return f"{family}: " + ", ".join(parts) + f"; {regime}"
+    return f"{family}: SAM " + "; ".join(parts) + f"; {regime}"
 
 
 def demo_reading(rows: Sequence[dict[str, Any]]) -> str:
@@ -43,6 +45,17 @@ def demo_reading(rows: Sequence[dict[str, Any]]) -> str:
         if p:
             lines.append(pair_reading(fam, *p))
             gains[fam] = 100 * (p[1]["test_acc"] - p[0]["test_acc"])
+    flat = {}
+    for fam in ("vit", "resnet"):
+        p = _pair(rows, fam)
+        if p and all("lambda_max_aug" in r and r["lambda_max_aug"] > 0 for r in p):
+            flat[fam] = p[0]["lambda_max_aug"] / p[1]["lambda_max_aug"]
+    if len(flat) == 2:
+        more = flat["vit"] > flat["resnet"]
+        lines.append(("As in the paper, SAM flattens" if more else "Unlike the paper, SAM does "
+                      "not flatten") + f" the ViT more than the ResNet around its training images "
+                      f"({flat['vit']:.1f}x vs {flat['resnet']:.1f}x lower lambda_max on shifted "
+                      "images).")
     if len(gains) == 2:
         more = gains["vit"] > gains["resnet"]
         lines.append(("As in the paper, SAM helps" if more else "Unlike the paper, SAM does not "
