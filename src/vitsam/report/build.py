@@ -7,6 +7,7 @@ same tables and links the same PNGs (saved under ``figures/``).
 from __future__ import annotations
 
 import base64
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -144,6 +145,10 @@ def _figures(folder: Path, rec: dict[str, Any], t: dict[str, Any], fig_dir: Path
     add(f"{name}: active MLP units per block", "sparsity" in stages and figures.sparsity_per_block(
         folder, rows, fig_dir / f"{name}_sparsity.png") or None,
         "Mean share of MLP hidden units active (> 0 after the activation) per image, per block.")
+    add(f"{name}: class-token attention entropy per block", "attention" in stages and
+        figures.attention_entropy(folder, rows, fig_dir / f"{name}_attention_entropy.png") or None,
+        "Entropy of the class token's attention over patches, averaged over heads and images, per "
+        "block; the dotted line is uniform attention.")
     made += _plugin_figures(folder, rows, fig_dir, name, cmd, stages)
     return made
 
@@ -187,9 +192,13 @@ def _plugin_figures(folder: Path, rows: list[dict[str, Any]], fig_dir: Path, nam
         try:
             paths = draw(key, labelled, sub)
         except (ValueError, KeyError, TypeError):
-            continue  # an old result without what the figure needs: the tables still show it
+            # Saved results hold no images for side-by-side maps: show each seed-0 cell's own.
+            paths = [folder / lab / f"attention_{kind}.png" for lab, _ in labelled
+                     if lab.endswith("-s0") for kind in ("last", "rollout")]
+            paths = [p for p in paths if p.exists()]
         for p in paths:
-            made.append(Figure(f"{name}: {p.stem.replace('_', ' ')}", p,
+            title = p.stem.replace("_", " ") + (f" ({p.parent.name})" if p.parent != sub else "")
+            made.append(Figure(f"{name}: {title}", p,
                                f"{captions[key]} Made by: {cmd}"))
     if corr:
         p = figures.corruption_matrix(corr, fig_dir / f"{name}_corruptions.png")
@@ -241,7 +250,7 @@ def build_report(dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]
     atomic_write_bytes(html_path, html.encode())
     md += ["## Figures", ""]
     for f in figs:
-        md += [f"### {f.title}", "", f"![{f.title}]({f.path.relative_to(out).as_posix()})", "",
+        md += [f"### {f.title}", "", f"![{f.title}]({Path(os.path.relpath(f.path, out)).as_posix()})", "",
                f.caption, ""]
     atomic_write_bytes(md_path, ("# " + title + "\n\n" + meta + "\n\n" + "\n".join(md)).encode())
     return html_path, md_path

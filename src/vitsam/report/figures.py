@@ -192,3 +192,26 @@ def corruption_matrix(labelled: Sequence[tuple[str, dict[str, Any]]], path: Path
     ax.axvline(1.5, color="w", lw=1.5)
     fig.colorbar(im, ax=ax, label="accuracy %", fraction=0.03)
     return _save(fig, path)
+
+
+def attention_entropy(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Class-token attention entropy per block, one line per cell (lower: more focused)."""
+    fig, ax = plt.subplots(figsize=(5.4, 3.6))
+    top = None
+    for r in rows:
+        ana = study_dir / r["name"] / "analysis.json"
+        res = read_json(ana, "analysis file").get("attention", {}).get("result") if ana.exists() else None
+        if not res or res.get("supported", True) is False or not res.get("entropy_per_block"):
+            continue
+        ent = res["entropy_per_block"]
+        top = res.get("max_entropy", top)
+        ax.plot(range(1, len(ent) + 1), ent, marker="o", color=COLORS.get(r["method"], "k"),
+                label=f"{r['family']} {r['method']} s{r['seed']}")
+    if top is None:
+        plt.close(fig)
+        return None
+    ax.axhline(top, color="grey", ls=":", lw=1, label="uniform")
+    ax.set_xlabel("block")
+    ax.set_ylabel("class-token attention entropy (nats)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
