@@ -27,6 +27,14 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _result(study_dir: Path, row: dict[str, Any], analysis: str) -> dict[str, Any] | None:
+    """A cell's saved result of one analysis (None when it has none)."""
+    path = study_dir / row["name"] / "analysis.json"
+    if not path.exists():
+        return None
+    return read_json(path, "analysis file").get(analysis, {}).get("result")
+
+
 def _families(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted({r["family"] for r in rows})
 
@@ -147,10 +155,7 @@ def sparsity_per_block(study_dir: Path, rows: Sequence[dict[str, Any]], path: Pa
     fig, ax = plt.subplots(figsize=(5.4, 3.6))
     drawn = False
     for r in rows:
-        ana = study_dir / r["name"] / "analysis.json"
-        if not ana.exists():
-            continue
-        layers = read_json(ana, "analysis file").get("sparsity", {}).get("result", {}).get("layers")
+        layers = (_result(study_dir, r, "sparsity") or {}).get("layers")
         if not layers:
             continue
         for kind in sorted({v["kind"] for v in layers.values()}):
@@ -199,8 +204,7 @@ def attention_entropy(study_dir: Path, rows: Sequence[dict[str, Any]], path: Pat
     fig, ax = plt.subplots(figsize=(5.4, 3.6))
     top = None
     for r in rows:
-        ana = study_dir / r["name"] / "analysis.json"
-        res = read_json(ana, "analysis file").get("attention", {}).get("result") if ana.exists() else None
+        res = _result(study_dir, r, "attention")
         if not res or res.get("supported", True) is False or not res.get("entropy_per_block"):
             continue
         ent = res["entropy_per_block"]

@@ -54,7 +54,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
         args.overrides = [*[o for o in args.only if "=" in o], *args.overrides]
         args.only = [o for o in args.only if "=" not in o] or None
     if args.list:
-        for c in study_cells(study, args.scale, seeds, args.overrides, args.only, args.data,
+        for c in study_cells(study, args.scale, seeds, args.only, args.data,
                              args.root):
             print(f"{c.name:<28} {c.config.model.name} {dict(c.config.model.kwargs)} "
                   f"fraction={c.config.data.train_fraction:g} sam={c.config.optim.sam}")

@@ -255,10 +255,11 @@ def get_study(name: str) -> Study:
     return STUDIES[name]
 
 
-def study_cells(study: Study, scale: str, seeds: Sequence[int], overrides: Sequence[str] = (),
+def study_cells(study: Study, scale: str, seeds: Sequence[int],
                 only: Sequence[str] | None = None, data: str | None = None,
                 root: str | None = None) -> list[Cell]:
-    """The cells of ``study`` at ``scale``, with ``--data/--root`` and overrides applied."""
+    """The cells of ``study`` at ``scale`` with ``--data/--root`` applied (the key=value
+    overrides are applied per cell by ``cell_overrides``, so one cell's failure stays its own)."""
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; choose from {', '.join(SCALES)}")
     if not seeds or len(set(seeds)) != len(seeds):

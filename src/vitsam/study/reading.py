@@ -38,28 +38,27 @@ def pair_reading(family: str, van: dict[str, Any], sam: dict[str, Any]) -> str:
 
 def demo_reading(rows: Sequence[dict[str, Any]]) -> str:
     """The demo's reading: per family, then whether SAM helped the ViT more than the ResNet."""
-    lines = []
-    gains = {}
+    lines, gains, flat = [], {}, {}
     for fam in ("vit", "resnet"):
         p = _pair(rows, fam)
-        if p:
-            lines.append(pair_reading(fam, *p))
-            gains[fam] = 100 * (p[1]["test_acc"] - p[0]["test_acc"])
-    flat = {}
-    for fam in ("vit", "resnet"):
-        p = _pair(rows, fam)
-        if p and all("lambda_max_aug" in r and r["lambda_max_aug"] > 0 for r in p):
+        if not p:
+            continue
+        lines.append(pair_reading(fam, *p))
+        gains[fam] = 100 * (p[1]["test_acc"] - p[0]["test_acc"])
+        if all(r.get("lambda_max_aug", 0) > 0 for r in p):
             flat[fam] = p[0]["lambda_max_aug"] / p[1]["lambda_max_aug"]
     if len(flat) == 2:
-        more = flat["vit"] > flat["resnet"]
-        lines.append(("As in the paper, SAM flattens" if more else "Unlike the paper, SAM does "
-                      "not flatten") + f" the ViT more than the ResNet around its training images "
-                      f"({flat['vit']:.1f}x vs {flat['resnet']:.1f}x lower lambda_max on shifted "
-                      "images).")
+        lines.append(_versus(flat["vit"] > flat["resnet"], "flattens", "not flatten",
+                             "around its training images", f"{flat['vit']:.1f}x vs "
+                             f"{flat['resnet']:.1f}x lower lambda_max on shifted images"))
     if len(gains) == 2:
-        more = gains["vit"] > gains["resnet"]
-        lines.append(("As in the paper, SAM helps" if more else "Unlike the paper, SAM does not "
-                      "help") + f" the ViT more than the ResNet here ({gains['vit']:+.2f} vs "
-                      f"{gains['resnet']:+.2f} points; one seed, so differences under about a "
-                      "point are within seed noise).")
+        lines.append(_versus(gains["vit"] > gains["resnet"], "helps", "not help", "here",
+                             f"{gains['vit']:+.2f} vs {gains['resnet']:+.2f} points; one seed, "
+                             "so differences under about a point are within seed noise"))
     return "\n".join(lines)
+
+
+def _versus(as_paper: bool, does: str, does_not: str, where: str, numbers: str) -> str:
+    """'As in the paper, SAM <does> the ViT more than the ResNet ...' or its negation."""
+    lead = f"As in the paper, SAM {does}" if as_paper else f"Unlike the paper, SAM does {does_not}"
+    return f"{lead} the ViT more than the ResNet {where} ({numbers})."

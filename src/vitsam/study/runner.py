@@ -82,7 +82,7 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the study")
-    cells = study_cells(study, scale, seeds, overrides, only, data, root)
+    cells = study_cells(study, scale, seeds, only, data, root)
     settings = study.settings(scale)
     configs, errors = _configs(cells, overrides)
     out.mkdir(parents=True, exist_ok=True)

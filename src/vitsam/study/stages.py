@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,18 +109,19 @@ def _hessian(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) ->
                {"hessian_augmented": augmented_hessian(cell_dir, settings)}, "analysis file")
 
 
-def augmented_hessian(cell_dir: Path, settings: StageSettings,
-                      checkpoint: str = "last") -> dict[str, Any]:
+def augmented_hessian(cell_dir: Path, settings: StageSettings, checkpoint: str = "last",
+                      run: Any = None, bundle: Any = None) -> dict[str, Any]:
     """lambda_max on pad-crop (+ flip where the source allows it) augmented training batches,
     with their loss and accuracy: curvature off the exact training images, which a run that
-    memorised them (clean loss near 0, a collapsed Hessian) cannot hide."""
+    memorised them (clean loss near 0, a collapsed Hessian) cannot hide. ``run``/``bundle``:
+    an already loaded checkpoint and its data, to avoid loading them again."""
     from ..analysis import hessian
     from ..analysis.runner import plugin_config, public
     from ..data import build_data, train_batches
     from ..train.checkpoint import load_run
 
-    run = load_run(cell_dir, checkpoint)
-    bundle = build_data(run.data_config())
+    run = run if run is not None else load_run(cell_dir, checkpoint)
+    bundle = bundle if bundle is not None else build_data(run.data_config())
     # Basic augmentation for every run, also one trained without: Mixup's soft targets have no
     # single-label Hessian, and the same perturbation for every cell keeps them comparable.
     aug = "basic"
@@ -130,7 +131,7 @@ def augmented_hessian(cell_dir: Path, settings: StageSettings,
         batches.append((x, y))
         if len(batches) == settings.batches:
             break
-    cfg = plugin_config("hessian", [s for s in settings.hessian], progress=False)
+    cfg = plugin_config("hessian", list(settings.hessian), progress=False)
     res = public(hessian.run(run.model, batches, cfg))
     res["batch_accuracy"] = _accuracy(run.model, batches)
     res["augment"] = aug
@@ -139,35 +140,27 @@ def augmented_hessian(cell_dir: Path, settings: StageSettings,
 
 
 def _accuracy(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    was = [m.training for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
-    finally:
-        for m, t in zip(model.modules(), was):
-            m.training = t
+    """Top-1 accuracy of ``model`` (in eval mode) on ``batches``, a fraction."""
+    from ..models.modes import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
     return correct / max(1, sum(len(y) for _, y in batches))
 
 
-def _simple(name: str):
+def _simple(name: str, extra: str | None = None) -> Callable[..., None]:
+    """A stage that runs one analysis plug-in with the settings field ``extra`` of the scale."""
     def stage(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
-        extra = {"ntk": settings.ntk, "landscape": settings.landscape}.get(name, ())
-        _analyze(cell_dir, [name], settings, extra)
+        _analyze(cell_dir, [name], settings, getattr(settings, extra) if extra else ())
     return stage
 
 
 def _ntk(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
     # Distinct re-initialisations per training seed, so a row's spread covers them all.
-    seed = int(read_marker_or_config(cell_dir)["train"]["seed"])
+    seed = int(read_json(cell_dir / "config.json", "run config")["train"]["seed"])
     n = settings.ntk_seeds
     seeds = ",".join(str(n * seed + i) for i in range(n))
     _analyze(cell_dir, ["ntk"], settings, (*settings.ntk, f"ntk.seeds=[{seeds}]"))
-
-
-def read_marker_or_config(cell_dir: Path) -> dict[str, Any]:
-    """The run's saved config (config.json)."""
-    return read_json(cell_dir / "config.json", "run config")
 
 
 def _corruptions(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
@@ -199,7 +192,7 @@ def _sharpness(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) 
                               "cpu")
         cfg = plugin_config("hessian", list(settings.hessian), progress=False)
         clean = public(hessian.run(run.model, data, cfg))
-        aug = augmented_hessian(cell_dir, settings, name)["result"]
+        aug = augmented_hessian(cell_dir, settings, name, run, bundle)["result"]
         points.append({"checkpoint": name, "step": run.step,
                        "lambda_max": clean["lambda_max"], "loss": clean["loss"],
                        "batch_accuracy": _accuracy(run.model, data),
@@ -212,6 +205,6 @@ def _sharpness(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) 
 
 
 STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity"),
-               "attention": _simple("attention"), "landscape": _simple("landscape"),
+               "attention": _simple("attention"), "landscape": _simple("landscape", "landscape"),
                "corruptions": _corruptions,
                "sharpness": _sharpness}
