@@ -138,8 +138,8 @@ def test_augment_grid_in_two_worker_processes(tmp_path: Path) -> None:
     # Half the training fraction trains on half the images.
     cfg = lambda n: json.loads((tmp_path / n / "config.json").read_text())["data"]  # noqa: E731
     assert cfg("vit-sam-f0.5-s0")["train_fraction"] == pytest.approx(
-        cfg("vit-sam-f1-s0")["train_fraction"] / 2)
-    assert cfg("vit-aug-f1-s0")["augment"] == "strong"
+        cfg("vit-sam-s0")["train_fraction"] / 2)
+    assert cfg("vit-aug-s0")["augment"] == "strong"
     from vitsam.report import build_report
 
     _, md = build_report([tmp_path])

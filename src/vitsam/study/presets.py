@@ -10,7 +10,9 @@ throughput). Scales size the same grid for a budget:
     paper  the paper's ImageNet recipes (set --root to an ImageFolder tree)
 
 Cell names are ``<family>-<method>[-f<fraction>]-s<seed>``; the method is ``vanilla``, ``sam``,
-``aug`` (strong augmentation: RandAugment + Mixup) or ``sam-aug``.
+``aug`` (strong augmentation: RandAugment + Mixup) or ``sam-aug``. A cell on the whole training
+set has no fraction in its name, so ``augment``'s fraction-1 vanilla and SAM cells are ``main``'s
+cells and a study folder holding both trains them once.
 """
 from __future__ import annotations
 
@@ -127,12 +129,11 @@ def _base(family: str, method: str, scale: str) -> RunConfig:
     return cfg
 
 
-def _cell(family: str, method: str, seed: int, scale: str, fraction: float = 1.0,
-          with_fraction: bool = False) -> Cell:
+def _cell(family: str, method: str, seed: int, scale: str, fraction: float = 1.0) -> Cell:
     cfg = _base(family, method, scale)
     if fraction != 1.0:
         cfg = replace(cfg, data=replace(cfg.data, train_fraction=cfg.data.train_fraction * fraction))
-    name = f"{family}-{method}" + (f"-f{fraction:g}" if with_fraction else "") + f"-s{seed}"
+    name = f"{family}-{method}" + (f"-f{fraction:g}" if fraction != 1.0 else "") + f"-s{seed}"
     cfg = replace(cfg, name=name, train=replace(cfg.train, seed=seed))
     return Cell(name, cfg, family, method, seed, fraction)
 
@@ -143,8 +144,7 @@ def _main_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
 
 def _augment_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
     fracs = FRACTIONS if scale != "smoke" else (1.0, 0.5)
-    return [_cell(f, m, s, scale, fr, with_fraction=True)
-            for fr in fracs for f in FAMILIES for m in METHODS for s in seeds]
+    return [_cell(f, m, s, scale, fr) for fr in fracs for f in FAMILIES for m in METHODS for s in seeds]
 
 
 def _inside_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
@@ -218,7 +218,7 @@ STUDIES: dict[str, Study] = {
     "augment": Study("augment", "The paper's data-size table: {ResNet, ViT, Mixer} x {vanilla, "
                      "SAM, AUG, SAM+AUG} x training fraction {1, 1/2, 1/4, 1/10}, with SAM's "
                      "gain against training-set size", _augment_grid, ("hessian",),
-                     ("test_acc", "train_acc", "lambda_max"), _settings),
+                     ("test_acc", "train_acc", "lambda_max"), _settings, reuses="main"),
     "inside": Study("inside", "Inside the models: activation sparsity per block and class-token "
                     "attention, vanilla vs SAM (reuses main's cells)", _inside_grid,
                     ("sparsity", "attention", "landscape"),
