@@ -207,3 +207,20 @@ def test_cli_errors(args: list[str], text: str, tmp_path: Path, capsys) -> None:
 def test_stage_list_is_complete() -> None:
     for study in STUDIES.values():
         assert set(study.stages) <= set(stages.STAGES)
+
+
+def test_matched_loss_interpolates_curvature_in_log_loss_between_bracketing_checkpoints():
+    # Cell A reaches loss 0.1 exactly at its last checkpoint; cell B jumps from 1.0 to 0.01, so
+    # its curvature at L* = 0.1 lies halfway in log(loss): lambda 300 -> 100 gives 200.
+    a = {"_checkpoints": [{"step": 10, "loss": 2.0, "lambda_max": 5.0},
+                          {"step": 20, "loss": 0.1, "lambda_max": 7.0}]}
+    b = {"_checkpoints": [{"step": 10, "loss": 1.0, "lambda_max": 300.0},
+                          {"step": 30, "loss": 0.01, "lambda_max": 100.0},
+                          {"step": 40, "loss": 0.005, "lambda_max": 2.0}]}
+    none = {"test_acc": 0.5}
+    target = tables.match_losses([a, b, none])
+    assert target == pytest.approx(0.1)
+    assert a["lambda_max_matched"] == 7.0 and a["matched_step"] == 20
+    assert b["lambda_max_matched"] == pytest.approx(200.0)
+    assert b["matched_step"] == pytest.approx(20.0)
+    assert "lambda_max_matched" not in none
