@@ -8,7 +8,10 @@ logging, checkpoint writing or evaluation).
 """
 from __future__ import annotations
 
+import errno
+import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import faults
 from ..config import ConfigError, RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
 from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
 from ..data.record import save_data_record
@@ -27,13 +31,14 @@ from ..data.errors import DataError
 from ..data.sample import random_subset
 from ..exact import Rounding, scaled
 from ..eval.metrics import evaluate
-from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
+from ..io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from ..models import check_forward, count_params, create_model, make_spec
 from ..optim.factory import build_optimizer
 from ..optim.schedule import build_scheduler
 from ..optim.steps import StepConfig
 from ..optim.steps import train_step as optim_train_step
-from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint, resolve_checkpoint
+from . import runlock, signals
+from .checkpoint import CheckpointError, CheckpointWriteError, list_checkpoints, read_latest_good
 from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
 from .scalars import ScalarLog, check_tensorboard
 
@@ -99,6 +104,7 @@ def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch
     """
     lr = scheduler.get_last_lr()[0]
     out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg)
+    faults.point("step")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
                                 r"before `optimizer\.step\(\)`")
@@ -183,13 +189,18 @@ class _Meter:
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
-    """``<out_dir>/<name>-<timestamp>``, made unique."""
+    """``<out_dir>/<name>-<timestamp>``, made unique and created (two runs started in the same
+    second each get their own)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.out_dir).expanduser() / f"{cfg.name}-{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
+    while True:
+        try:
+            path.mkdir()  # atomic: exactly one process creates a given name
+            return path
+        except FileExistsError:
+            path, i = Path(f"{base}-{i}"), i + 1
 
 
 @dataclass
@@ -243,31 +254,48 @@ class Trainer:
 
 def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
           resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train a run (or continue ``resume``, a run folder) and return its ``final.json`` record."""
+    """Train a run (or continue ``resume``, a run folder) and return its ``final.json`` record.
+
+    One process at a time trains in a run folder (``runlock``); SIGINT and SIGTERM stop the
+    loop after a checkpoint (``signals``).
+    """
     if resume is not None:
         run_dir = Path(resume)
-        cfg = _saved_config(run_dir)
+        cfg = _saved_config(run_dir)  # its refusals write nothing, not even a lock file
+        with runlock.hold(run_dir):
+            return _train(cfg, run_dir, resume, progress)
     if cfg is None:
         raise ValueError("train() needs a config or a run folder to resume")
+    if run_dir is None:
+        run_dir, made = new_run_dir(cfg), True
+    else:
+        run_dir, made = Path(run_dir), not Path(run_dir).exists()
+        runlock.raise_if_busy(run_dir)  # another process filling it: say which
+        _check_fresh(run_dir)  # before writing anything into the folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with runlock.hold(run_dir, remove_if_unused=made):
+        _check_fresh(run_dir)  # again, holding the folder: no other process writes there now
+        return _train(cfg, run_dir, None, progress)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: str | Path | None,
+           progress: bool) -> dict[str, Any]:
+    """``train`` in the folder it holds."""
     if resume is None and cfg.data.root:
         # The saved config must find the data from any working directory (eval, analyze).
         root = str(Path(cfg.data.root).expanduser().resolve())
         cfg = replace(cfg, data=replace(cfg.data, root=root))
-    if resume is None and run_dir is not None:
-        _check_fresh(Path(run_dir))  # before building the data, which can take a while
     if cfg.train.tensorboard:
         check_tensorboard()
     tr = Trainer.build(cfg)
     tl, cfg_dict = tr.timeline, to_dict(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume is None:  # first: a folder with config.json can always be resumed
+        atomic_write_json(run_dir / "config.json", cfg_dict)
     save_data_record(run_dir, tr.bundle)  # data.json: the mean/std and preprocessing eval feeds the model with
     metrics_path = run_dir / "metrics.jsonl"
     step, wall_before, meter = 0, 0.0, _Meter()
     if resume is not None:
         step, wall_before = _restore(run_dir, tr, metrics_path, meter)
-    else:
-        atomic_write_json(run_dir / "config.json", cfg_dict)
     tr.log = ScalarLog(run_dir, cfg.train.tensorboard, purge_step=step if resume else None)
     t0 = time.perf_counter() - wall_before
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
@@ -277,12 +305,20 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
                desc=cfg.name, dynamic_ncols=True)
     tr.model.train()
     try:
-        step = _loop(tr, run_dir, metrics_path, step, t0, meter, bar, cfg_dict)
+        with signals.graceful(run_dir):
+            step = _loop(tr, run_dir, metrics_path, step, t0, meter, bar, cfg_dict)
         bar.close()
         return _finish(run_dir, tr, step, time.perf_counter() - t0, metrics_path)
     except DataError as exc:  # e.g. an unreadable image met mid-epoch: say how to go on
         raise DataError(f"{str(exc).splitlines()[0]}; then `vitsam train --resume {run_dir}` "
                         "continues from the last checkpoint") from exc
+    except OSError as exc:  # a checkpoint not written, a full disk: say how to go on
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or isinstance(exc, CheckpointWriteError)):
+            raise
+        raise type(exc)(f"{str(exc).splitlines()[0]}; {'free some space, ' if full else ''}"
+                        f"then `vitsam train --resume {run_dir}` continues from the last "
+                        "checkpoint") from exc
     finally:
         tr.log.close()
 
@@ -309,12 +345,13 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
                                 acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
             # Checkpoint before evaluating: a failure or an interruption during evaluation
             # then costs no training (the resumed run evaluates that step again).
-            if is_time(step, tl.ckpt_every, tl.total_steps):
+            if is_time(step, tl.ckpt_every, tl.total_steps) or signals.requested():
                 save_checkpoint(run_dir, step_name(step), tr.model, tr.spec, cfg_dict, step,
                                 step // tl.steps_per_epoch, tr.optimizer, tr.scheduler,
                                 tr.scaler, keep=cfg.train.keep_checkpoints,
                                 extra={"wall_time_s": time.perf_counter() - t0,
                                        "meter": meter.state()})
+            signals.stop_if_requested(run_dir, step, step_name(step))
             if is_time(step, tl.eval_every, tl.total_steps):
                 _evaluate_into(metrics_path, tr, step)
             meter.start()
@@ -325,6 +362,7 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
 
 def _evaluate_into(metrics_path: Path, tr: Trainer, step: int) -> None:
     """Test loss and accuracy at ``step``, appended to the metrics log."""
+    faults.point("eval")
     ev = evaluate(tr.model, tr.test_batches(), tr.device)
     tr.log.write({"step": step, "epoch": step / tr.timeline.steps_per_epoch,
                   "test_loss": ev["nll"], "test_acc": ev["top1"]})
@@ -347,9 +385,8 @@ def _saved_config(run_dir: Path) -> RunConfig:
             raise CheckpointError(f"{str(exc).splitlines()[0]}; {run_dir} is not a vitsam run "
                                   "folder that can be resumed") from None
         # The checkpoint's state.json holds the same config.
-        source = resolve_checkpoint(run_dir, "last") / "state.json"
-        state, _, _ = read_checkpoint(source.parent)
-        saved = state["config"]
+        ckpt, state, _, _, _ = read_latest_good(run_dir)
+        source, saved = ckpt / "state.json", state["config"]
     try:
         return from_dict(RunConfig, saved)
     except ConfigError as exc:  # e.g. a hand-edited "epochs": "3"
@@ -360,7 +397,7 @@ def _check_fresh(run_dir: Path) -> None:
     """A new run never writes into a folder that already holds a run (or anything else)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} is a file; give a folder for the run")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != runlock.LOCK_FILE for p in run_dir.iterdir()):
         hint = (f"`vitsam train --resume {run_dir}` continues it, or choose"
                 if (run_dir / "config.json").exists() else "choose")
         raise CheckpointError(f"run folder {run_dir} is not empty; {hint} a new --run-dir")
@@ -371,11 +408,16 @@ def _restore(run_dir: Path, tr: Trainer, metrics_path: Path, meter: _Meter) -> t
     log interval it was in); returns (step, wall).
 
     A run interrupted before its first checkpoint starts again from step 0 (every draw is
-    seeded, so that is the same run).
+    seeded, so that is the same run). A damaged latest checkpoint is reported by name and the
+    newest older one that reads back whole is used: the run replays the steps between.
     """
     step, wall = 0, 0.0
-    if list_checkpoints(run_dir):
-        state, weights, opt_tensors = read_checkpoint(resolve_checkpoint(run_dir, "last"))
+    ckpts = run_dir / "checkpoints"
+    if any(p.is_dir() and not p.name.startswith(".") for p in ckpts.glob("*")):
+        ckpt, state, weights, opt_tensors, problems = read_latest_good(run_dir)
+        if problems:
+            print(f"vitsam: warning: {'; '.join(problems)}; resuming from {ckpt.name} instead",
+                  file=sys.stderr)
         tr.model.load_state_dict(weights)
         tr.optimizer.load_state_dict(unflatten_state(state["optimizer"], opt_tensors))
         tr.scheduler.load_state_dict(unflatten_state(state["scheduler"], opt_tensors))
@@ -391,10 +433,11 @@ def _restore(run_dir: Path, tr: Trainer, metrics_path: Path, meter: _Meter) -> t
         k = 0
         while (aside := run_dir / f"metrics.pre-resume-{k}.jsonl").exists():
             k += 1
-        metrics_path.rename(aside)
-        for rec in records:
-            if rec.get("step", 0) <= step:
-                append_jsonl(metrics_path, rec)
+        # A copy aside, then the log replaced whole: a kill at any moment loses no record.
+        atomic_write_bytes(aside, metrics_path.read_bytes())
+        faults.point("restore")
+        atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in records
+                                                 if r.get("step", 0) <= step).encode())
     return step, wall
 
 
@@ -402,6 +445,7 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
             metrics_path: Path) -> dict[str, Any]:
     """Final test and clean train accuracy, throughput, and ``final.json``."""
     cfg = tr.cfg
+    faults.point("finish")
     test = evaluate(tr.model, tr.test_batches(), tr.device)
     sub = random_subset(tr.bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
     train_acc = evaluate(tr.model, tr.test_batches(sub), tr.device)
