@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get("VITSAM_DEBUG") == "1"
     try:
+        from .progress import line_interval
+
+        line_interval()  # a bad VITSAM_PROGRESS_INTERVAL is refused before any work
         args.func(args)
     except KeyboardInterrupt:
         hint = ("; `vitsam train --resume RUN_DIR` continues from the last checkpoint"
