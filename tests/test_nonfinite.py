@@ -146,6 +146,20 @@ def test_an_fp16_overflow_is_the_scalers_until_its_scale_cannot_drop() -> None:
     assert run(1024.0, lambda lg, t: F.cross_entropy(lg, t) * NAN)["nonfinite"] == 1.0
 
 
+def test_training_accuracy_counts_tied_logits_fairly() -> None:
+    """A model that scores all 4 classes alike is right 1/4 of the time, whatever the labels
+    (argmax's first index would give 0 here); a NaN row is never right."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(75, 4))
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
+    x, y = _batches(1)[0][0], torch.tensor([1, 2, 3, 1, 2, 3])
+    out = train_step(model, F.cross_entropy, x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert out["correct"] == 6 / 4
+    x[0] = NAN
+    out = train_step(model, F.cross_entropy, x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert out["correct"] == 5 / 4 and out["nonfinite"] == 1.0
+
+
 def test_the_meter_counts_nonfinite_steps_and_leaves_their_loss_out() -> None:
     meter = engine._Meter(clock=iter(range(100)).__next__)
     meter.start()

@@ -76,7 +76,8 @@ def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor
 
     x: (B, C, H, W) float inputs. y: (B,) int64 labels or (B, num_classes) float soft targets.
     Returns floats: ``loss`` (clean mean over the batch), ``correct`` (count of argmax(logits) ==
-    label or argmax(target)), ``n`` (B), ``grad_norm`` (clean gradient's global L2 norm before
+    label or argmax(target); a tie for the top score counts 1 / number tied if the label is
+    among them), ``n`` (B), ``grad_norm`` (clean gradient's global L2 norm before
     clipping), ``skipped`` (1.0 if no optimiser step was taken), ``nonfinite`` (1.0 if that was
     because of a non-finite loss or gradient the GradScaler cannot handle), and for SAM also
     ``perturbed_loss``, ``sharpness`` (perturbed_loss - loss), ``eps_norm`` and ``grad_cosine``
@@ -246,8 +247,16 @@ def _forward_backward(model: nn.Module, criterion: Callable, x: torch.Tensor, y:
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
         target = y[a:b] if y.ndim == 1 else y[a:b].argmax(-1)
         loss_sum += loss.detach().float() * (b - a)
-        correct += (logits.detach().argmax(-1) == target).sum()
+        correct += _top1_hits(logits.detach(), target)
     return loss_sum, correct
+
+
+def _top1_hits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of the chance that a random pick among the top-scoring classes is the
+    target: argmax accuracy, with ties (common in bf16 logits) counted fairly, not by index
+    order; a NaN row counts 0 (``vitsam.eval.metrics.topk_hits`` for k = 1)."""
+    tied = logits == logits.amax(-1, keepdim=True)
+    return (tied.gather(-1, target[:, None]).squeeze(-1).float() / tied.sum(-1).clamp(min=1)).sum()
 
 
 @contextmanager
