@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import shutil
 import statistics
@@ -224,3 +225,12 @@ def test_matched_loss_interpolates_curvature_in_log_loss_between_bracketing_chec
     assert b["lambda_max_matched"] == pytest.approx(200.0)
     assert b["matched_step"] == pytest.approx(20.0)
     assert "lambda_max_matched" not in none
+
+
+def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged():
+    cell = study_cells(get_study("main"), "smoke", [0])[0]
+    cfg = cell.config
+    fp = stages.fingerprint(cfg)
+    same = replace(cfg, train=replace(cfg.train, threads=7, max_bad_steps=3))
+    assert stages.fingerprint(same) == fp
+    assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp

@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get("VITSAM_DEBUG") == "1"
     try:
+        from .progress import line_interval
+
+        line_interval()  # a bad VITSAM_PROGRESS_INTERVAL is refused before any work
         args.func(args)
     except Interrupted as exc:  # SIGINT/SIGTERM in training: a checkpoint was written
         again = "" if args.command == "train" else f", as does the same `vitsam {args.command}`"

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
 from ..models.modes import eval_mode
+from ..progress import progress_bar
 
 Batch = tuple[Tensor, Tensor]
 
@@ -248,7 +248,7 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = Landscap
 
     w0 = [p.detach().clone() for p in params]
     total = len(xs) * len(ys)
-    bar = tqdm(total=total, initial=len(rows["loss"]) * len(ys), desc="landscape", disable=None)
+    bar = progress_bar(total=total, initial=len(rows["loss"]) * len(ys), desc="landscape", disable=None)
     try:
         with eval_mode(model), torch.no_grad():
             center = evaluate(model, batches)

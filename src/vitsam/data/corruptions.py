@@ -62,9 +62,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..io import atomic_write_json, atomic_writer, locked, sha256_file
+from ..progress import progress_bar
 from . import cifar_c
 
 FORMAT = "vitsam-corruptions/1"
@@ -453,7 +453,7 @@ def build_corruption_set(
                 _write_manifest(out, current, complete=False)
             del pending[(corruption, severity)]
 
-    bar = tqdm(total=len(todo) * n, desc=f"corrupt ({params})", unit="img", disable=not progress)
+    bar = progress_bar(total=len(todo) * n, desc=f"corrupt ({params})", unit="img", disable=not progress)
     state = np.random.get_state()  # the library seeds NumPy's global generator; leave the caller's alone
     try:
         with bar:

@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .errors import DataError
 from .preprocess import fit_to
 
@@ -110,7 +110,8 @@ def decode_images(
         return stop - start, None
 
     workers = workers or min(8, os.cpu_count() or 1)
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress is None else not progress)
+    bar = progress_bar(total=len(paths), desc=desc, unit="img",
+                       disable=None if progress is None else not progress)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for done, err in pool.map(work, range(0, len(paths), chunk)):
             if err is not None:

@@ -17,10 +17,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
-
 from ..config import ConfigError, RunConfig
 from ..io import atomic_write_json
+from ..progress import progress_bar
 from .presets import SCALE_NOTES, Cell, Study, cell_overrides, describe, study_cells
 from .stages import pending, run_cell
 from .tables import write_tables
@@ -119,8 +118,8 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
     record["shared"] = shared
     atomic_write_json(rec_path, record)
 
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo) - len(errors), unit="cell",
-               desc=f"study {study.name} ({scale})", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(cells), initial=len(cells) - len(todo) - len(errors), unit="cell",
+                       desc=f"study {study.name} ({scale})", disable=not progress, dynamic_ncols=True)
     args = {c.name: (c, configs[c.name], str(out / c.name), study.stages, settings, shared,
                      threads) for c in todo}
     t0 = time.perf_counter()

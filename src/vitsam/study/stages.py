@@ -35,9 +35,10 @@ MARKER = "cell.json"
 
 
 def fingerprint(cfg: RunConfig) -> str:
-    """A hash of everything in a cell's config that changes its results (not its thread count
-    or output folder)."""
+    """A hash of everything in a cell's config that changes its results (not its thread count,
+    output folder or how many faulty steps in a row stop it: a run that finishes is the same)."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
+    d["train"].pop("max_bad_steps", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

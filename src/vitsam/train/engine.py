@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import faults
 from ..config import ConfigError, RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
@@ -37,7 +36,9 @@ from ..optim.factory import build_optimizer
 from ..optim.schedule import build_scheduler
 from ..optim.steps import StepConfig
 from ..optim.steps import train_step as optim_train_step
+from ..progress import progress_bar
 from . import runlock, signals
+from .badsteps import BadSteps, step_counts
 from .checkpoint import CheckpointError, CheckpointWriteError, list_checkpoints, read_latest_good
 from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
 from .scalars import ScalarLog, check_tensorboard
@@ -98,9 +99,9 @@ def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch
     """One optimiser step (two passes with SAM) followed by one scheduler step.
 
     The result's ``lr`` is the learning rate this step used (first param group), read before
-    the scheduler moves on to the next step's. A step the GradScaler skipped still counts as a
-    step of the schedule, so torch's warning about a scheduler step without an optimiser step
-    (a skipped first step) is silenced.
+    the scheduler moves on to the next step's. A skipped step (GradScaler overflow, non-finite
+    loss or gradient) still counts as a step of the schedule, so torch's warning about a
+    scheduler step without an optimiser step (a skipped first step) is silenced.
     """
     lr = scheduler.get_last_lr()[0]
     out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg)
@@ -122,7 +123,9 @@ class _Meter:
 
     SAM's diagnostics are NaN on a step the GradScaler skipped (fp16 overflow); they are
     averaged over the steps where they are finite, so one skipped step does not blank the
-    interval. The loss is averaged over every step (a NaN loss must show).
+    interval. A step skipped for a non-finite loss or gradient (``nonfinite``) is counted
+    (``nonfinite_steps``) and its images count for images/s; its loss, accuracy and
+    diagnostics are left out (NaN when every step of the interval was one).
 
     ``state``/``load`` carry an unfinished interval through a checkpoint (JSON; floats round-trip
     exactly), so a resumed run logs the same records as an uninterrupted one.
@@ -153,6 +156,9 @@ class _Meter:
             self._since = None
 
     def add(self, out: dict[str, float]) -> None:
+        if out.get("nonfinite"):
+            out = {"skipped": out["skipped"], "nonfinite": 1.0, "n_bad": out["n"],
+                   **{k: out[k] for k in self.LAST if k in out}}
         for k, v in out.items():
             v = float(v)
             if k in self.LAST:
@@ -169,10 +175,12 @@ class _Meter:
     def flush(self) -> dict[str, float]:
         s = self.sums
         rec = {k: (v / self.counts[k] if self.counts[k] else float("nan"))
-               for k, v in s.items() if k not in ("correct", "n", "skipped")}
-        rec["acc"] = s.get("correct", 0.0) / max(s.get("n", 0.0), 1.0)
+               for k, v in s.items() if k not in ("correct", "n", "skipped", "nonfinite", "n_bad")}
+        rec.setdefault("loss", float("nan"))
+        rec["acc"] = s.get("correct", 0.0) / max(s["n"], 1.0) if "n" in s else float("nan")
         rec["skipped_steps"] = s.get("skipped", 0.0)
-        rec["images_per_s"] = s.get("n", 0.0) / max(self.seconds, 1e-9)
+        rec["nonfinite_steps"] = s.get("nonfinite", 0.0)
+        rec["images_per_s"] = (s.get("n", 0.0) + s.get("n_bad", 0.0)) / max(self.seconds, 1e-9)
         self._reset()
         return rec
 
@@ -301,8 +309,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: str | Path | None,
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
             not any(r.get("step") == step and "test_acc" in r for r in read_jsonl(metrics_path)):
         _evaluate_into(metrics_path, tr, step)  # interrupted between checkpoint and evaluation
-    bar = tqdm(total=tl.total_steps, initial=step, disable=not progress, unit="step",
-               desc=cfg.name, dynamic_ncols=True)
+    bar = progress_bar(total=tl.total_steps, initial=step, disable=not progress, unit="step",
+                       desc=cfg.name, dynamic_ncols=True)
     tr.model.train()
     try:
         with signals.graceful(run_dir):
@@ -327,17 +335,23 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
           bar: Any, cfg_dict: dict[str, Any]) -> int:
     """Optimiser steps from ``step`` to the end, with logging, checkpoints and evaluation."""
     cfg, tl = tr.cfg, tr.timeline
+    bad = BadSteps(cfg.train.max_bad_steps)
     meter.start()
     while step < tl.total_steps:
         epoch, skip = divmod(step, tl.steps_per_epoch)
         # Resuming mid-epoch skips the batches already seen (the epoch's order is seeded).
         for x, y in train_batches(tr.bundle, cfg.train.batch_size, epoch=epoch,
                                   seed=cfg.train.seed, device=tr.device, start_batch=skip):
-            meter.add(train_step(tr.model, tr.criterion, x, y, tr.optimizer, tr.scheduler,
-                                 tr.scaler, tr.step_cfg))
+            bad.before_step(tr, meter)
+            out = train_step(tr.model, tr.criterion, x, y, tr.optimizer, tr.scheduler, tr.scaler,
+                             tr.step_cfg)
+            meter.add(out)
             step += 1
             bar.update(1)
             meter.stop()  # what follows is not training time
+            if bad.after_step(out):
+                bar.close()  # its last line before the error's
+                raise bad.stop(tr, run_dir, step, meter, cfg_dict, time.perf_counter() - t0)
             if is_time(step, tl.log_every, tl.total_steps):
                 rec = {**meter.flush(), "step": step, "epoch": step / tl.steps_per_epoch}
                 tr.log.write(rec)
@@ -449,13 +463,14 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
     test = evaluate(tr.model, tr.test_batches(), tr.device)
     sub = random_subset(tr.bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
     train_acc = evaluate(tr.model, tr.test_batches(sub), tr.device)
+    records = list(read_jsonl(metrics_path))
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
              "params": count_params(tr.model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
              "steps": step, "epochs": step / tr.timeline.steps_per_epoch,
              "test_acc": test["top1"], "test_top5": test["top5"], "test_loss": test["nll"],
              "test_ece": test["ece"], "train_acc": train_acc["top1"],
              "wall_time_s": wall,
-             "train_images_per_s": overall_rate(list(read_jsonl(metrics_path))),
+             "train_images_per_s": overall_rate(records), **step_counts(records),
              "device": str(tr.device)}
     atomic_write_json(run_dir / "final.json", final)
     return final
