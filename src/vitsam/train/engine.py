@@ -261,13 +261,13 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     tl, cfg_dict = tr.timeline, to_dict(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume is None:  # first: a folder killed after this line can always be resumed
+        atomic_write_json(run_dir / "config.json", cfg_dict)
     save_data_record(run_dir, tr.bundle)  # data.json: the mean/std and preprocessing eval feeds the model with
     metrics_path = run_dir / "metrics.jsonl"
     step, wall_before, meter = 0, 0.0, _Meter()
     if resume is not None:
         step, wall_before = _restore(run_dir, tr, metrics_path, meter)
-    else:
-        atomic_write_json(run_dir / "config.json", cfg_dict)
     tr.log = ScalarLog(run_dir, cfg.train.tensorboard, purge_step=step if resume else None)
     t0 = time.perf_counter() - wall_before
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
