@@ -89,3 +89,54 @@ def test_atomic_writes_honour_the_umask(tmp_path, mask, mode):
         os.umask(old)
     for name in ("a.bin", "b.json", "c.json"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode, name
+
+
+WRITER = r"""
+import sys, time
+from vitsam.io import atomic_writer
+with atomic_writer(sys.argv[1]) as fh:
+    fh.write(b"half of a file")
+    fh.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_only_until_the_next_cleanup(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "part.npy"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        (tmp, ) = tmp_path.glob(".part.npy.*.tmp")
+        assert vio.remove_stale_temporaries(tmp_path) == [] and tmp.exists()  # still writing
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not target.exists() and tmp.exists()
+    # A temporary of the same dead writer that a live process still holds locked (a writer in
+    # another process namespace, whose pid means nothing here) is kept; another host's too.
+    import fcntl
+
+    held = tmp.with_name(tmp.name.replace(".part.npy.", ".held.npy."))
+    held.write_bytes(b"x")
+    foreign = tmp_path / f".part.npy.{'0' * 8 if vio._HOST != '0' * 8 else '1' * 8}-{proc.pid}-0123abcd.tmp"
+    foreign.write_bytes(b"x")
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert vio.remove_stale_temporaries(tmp_path) == [tmp]
+    finally:
+        os.close(fd)
+    assert not tmp.exists() and held.exists() and foreign.exists()
+    assert vio.remove_stale_temporaries(tmp_path, "other.npy") == [] and held.exists()
+    assert vio.remove_stale_temporaries(tmp_path, "held.npy") == [held]

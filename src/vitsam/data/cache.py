@@ -9,18 +9,25 @@ entries hold the test images' ids (``test_ids``) and rescale 16-bit images inste
 them, so no version 1 entry is ever read for them (the unpacked tarball, keyed by its bytes
 alone, is kept). Entries are written to a temporary file and renamed into place, so a crash or a concurrent
 writer never leaves a half-written entry.
+
+Many processes at once (study workers, several runs on one cache): an entry is built under an
+exclusive ``flock`` of its own (``vitsam.io.locked``), so one process builds it and the others
+wait (with a line on stderr saying so) and then load what it wrote instead of decoding the same
+images again. A build killed half-way leaves its temporary file behind; the next build of that
+entry removes it (``vitsam.io.remove_stale_temporaries``).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ..io import atomic_writer
+from ..io import atomic_writer, locked, remove_stale_temporaries
 
 CACHE_VERSION = 1
 ENTRY_VERSION = 2
@@ -53,22 +60,49 @@ def cache_path(cache_dir: str | Path, name: str, key: str) -> Path:
     return Path(cache_dir) / "tensors" / f"{name}-v{ENTRY_VERSION}-{key[:24]}.pt"
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of ``path``, or None when it does not exist: tells a replaced entry."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _load(path: Path) -> dict | None:
+    """The entry at ``path``, or None (with a one-line warning) when it cannot be loaded."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"vitsam: warning: cache entry {path} is unreadable ({type(exc).__name__}: "
+              f"{first}); rebuilding it", file=sys.stderr)
+        return None
+
+
 def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[], dict]) -> dict:
     """Return the cached dict of tensors/strings for (name, key), building and storing it if absent.
 
     An unreadable entry (e.g. from an older torch, or another user's file without read
     permission) is rebuilt and replaced rather than trusted, with a one-line warning naming it,
-    so that a cache which never works does not go unnoticed.
+    so that a cache which never works does not go unnoticed. Only one process at a time builds
+    an entry; another that finds it missing waits for that build and loads its result.
     """
     path = cache_path(cache_dir, name, key)
-    if path.exists():
+    seen = _identity(path)
+    if seen is not None and (data := _load(path)) is not None:
+        return data
+    with ExitStack() as stack:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
-            first = (str(exc).strip().splitlines() or [""])[0]
-            print(f"vitsam: warning: cache entry {path} is unreadable ({type(exc).__name__}: "
-                  f"{first}); rebuilding it", file=sys.stderr)
-    data = build()
-    with atomic_writer(path) as fh:
-        torch.save(data, fh)
+            stack.enter_context(locked(path, waiting="vitsam: waiting for another process to "
+                                                     f"finish building cache entry {path}"))
+        except OSError:
+            pass  # a read-only cache folder: no lock, and the write below says why it fails
+        now = _identity(path)
+        if now is not None and now != seen and (data := _load(path)) is not None:
+            return data  # built (or replaced) by another process while this one waited
+        remove_stale_temporaries(path.parent, path.name)
+        data = build()
+        with atomic_writer(path) as fh:
+            torch.save(data, fh)
     return data

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from ..config import ConfigError, RunConfig
 from ..io import atomic_write_json
+from ..lifeline import exit_with_parent
 from ..progress import progress_bar
 from .presets import SCALE_NOTES, Cell, Study, cell_overrides, describe, study_cells
 from .stages import pending, run_cell
@@ -144,7 +145,8 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
             finished(c.name, _worker(*args[c.name]))
     else:
         ctx = get_context("spawn")  # fork would share torch's thread pools and locks
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:  # no orphans after a kill
             futures: dict[Future, str] = {pool.submit(_worker, *args[c.name]): c.name
                                           for c in todo}
             while futures:
