@@ -13,7 +13,7 @@ import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
-from multiprocessing import get_context
+from multiprocessing import get_context, parent_process
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +46,10 @@ def _worker(cell: Cell, cfg: RunConfig, cell_dir: str, stages: tuple[str, ...], 
         out = run_cell(cell, cfg, Path(cell_dir), stages, settings, shared)
         return {"status": "done", **out}
     except KeyboardInterrupt:
+        if parent_process() is not None:
+            # A pool worker stopped by a signal (its checkpoint written): end the process rather
+            # than return to the pool for another cell, whose parent may be gone.
+            os._exit(130)
         raise
     except BaseException as exc:  # noqa: BLE001 - a failing cell is reported, never fatal
         return {"status": "failed", "error": _one_line(exc),
