@@ -7,6 +7,8 @@ import torch
 
 from vitsam.data import cache
 
+from procs import run_together
+
 
 def test_cache_entry_mode_follows_the_umask(tmp_path):
     old = os.umask(0o022)
@@ -101,7 +103,6 @@ def _build_data(i: int, root: str, cache_dir: str, tmp: str, barrier) -> None:
 
 def test_two_processes_on_a_cold_cache_build_it_once_and_load_the_same_entry(tmp_path):
     import json
-    import multiprocessing as mp
 
     import numpy as np
     from PIL import Image
@@ -110,18 +111,8 @@ def test_two_processes_on_a_cold_cache_build_it_once_and_load_the_same_entry(tmp
 
     root, cache_dir = tmp_path / "images", tmp_path / "cache"
     _image_folder(root)
-    ctx = mp.get_context("spawn")  # nothing of this process is shared but the files
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_build_data, args=(i, str(root), str(cache_dir), str(tmp_path),
-                                                   barrier)) for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_together(_build_data, [(i, str(root), str(cache_dir), str(tmp_path)) for i in range(2)],
+                 TIMEOUT_S)
     # One process decoded the images; the other waited for it and loaded its entry.
     assert len((tmp_path / "builds.txt").read_text().split()) == 1
     errs = [(tmp_path / f"err{i}.txt").read_text() for i in range(2)]

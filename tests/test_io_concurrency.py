@@ -13,6 +13,8 @@ import pytest
 from vitsam import io as vio
 from vitsam.io import atomic_write_bytes, atomic_write_json, merge_json
 
+from procs import run_together
+
 N_KEYS = 100
 TIMEOUT_S = 60
 
@@ -24,17 +26,7 @@ def _merge_many(path: str, prefix: str, barrier) -> None:
 
 
 def _run_together(target, args_per_process) -> None:
-    ctx = mp.get_context("spawn")  # no fork: nothing of the test process is shared but the files
-    barrier = ctx.Barrier(len(args_per_process))
-    procs = [ctx.Process(target=target, args=(*args, barrier)) for args in args_per_process]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * len(procs)
+    run_together(target, args_per_process, TIMEOUT_S)
 
 
 def test_merge_json_from_two_processes_keeps_every_key(tmp_path):
