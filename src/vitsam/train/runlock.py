@@ -28,13 +28,28 @@ class RunFolderBusy(CheckpointError):
     """Another process trains in this run folder."""
 
 
-def _busy(run_dir: Path, fd: int) -> str:
-    """The one-line error for a folder whose lock file ``fd`` another process holds."""
+def _holder(fd: int) -> str | None:
+    """The holder's identity as written in lock file ``fd``, or None while it is not there."""
     try:
         info = json.loads(os.pread(fd, 4096, 0))
-        who = f"pid {info['pid']} on {info['host']}, since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):  # it has not written its name yet
-        who = "a process that is just starting"
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _busy(run_dir: Path, fd: int, wait_s: float = 1.0) -> str:
+    """The one-line error for a folder whose lock file ``fd`` another process holds.
+
+    The holder writes its identity just after taking the lock, so a process that lost a race
+    by microseconds waits up to ``wait_s`` seconds to be able to name it.
+    """
+    deadline = time.monotonic() + wait_s
+    who = _holder(fd)
+    while who is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        who = _holder(fd)
+    if who is None:  # a holder that cannot write (read-only handle, full disk)
+        who = "a process that did not write its name"
     return (f"run folder {run_dir} is in use by another `vitsam train` ({who}); wait for it "
             "to end or stop it, or train in another folder")
 
