@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 from PIL import Image
 
 import vitsam.data.decode as decode_mod
@@ -17,7 +18,10 @@ from vitsam.data import (
     eval_batches, normalise, resolve_cache_dir, steps_per_epoch, stratified_fraction, stratified_split,
     train_batches,
 )
-from vitsam.data.augment import hflip_where, mixup, pad_crop, rand_augment
+from vitsam.data import augment
+from vitsam.data.augment import (RANDAUG_BINS, RANDAUG_MAGNITUDE, RANDAUG_OP_NAMES,
+                                  RANDAUG_OPS, hflip_where, mixup, pad_crop, rand_augment,
+                                  randaug_magnitude)
 from vitsam.data.sources import find_shared_cifar10, mnist5k
 
 
@@ -197,6 +201,55 @@ def test_rand_augment_is_per_image_seeded_and_keeps_global_rng():
     assert not all(torch.equal(a[0], a[i]) for i in range(1, 8))  # not one op for the whole batch
     grey = rand_augment(torch.randint(0, 256, (4, 1, 12, 12), dtype=torch.uint8), seed=2)
     assert grey.shape == (4, 1, 12, 12) and grey.dtype == torch.uint8
+
+
+def _torchvision_op(img, op, m):
+    """torchvision's own RandAugment op on one image (its private dispatcher: the reference)."""
+    ra = v2.RandAugment()
+    return ra._apply_image_or_video_transform(img, op, m, interpolation=ra.interpolation,
+                                              fill=ra._fill)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (12, 20)])
+def test_randaug_magnitudes_are_torchvisions(hw):
+    h, w = hw
+    for op in RANDAUG_OP_NAMES:
+        fn, signed = v2.RandAugment._AUGMENTATION_SPACE[op]
+        assert signed == (op in augment._SIGNED), op
+        for mag in (0, 9, 15, 30):
+            table = fn(RANDAUG_BINS, h, w)
+            want = 0.0 if table is None else float(table[mag])
+            assert randaug_magnitude(op, mag, h, w) == pytest.approx(want, abs=1e-6), (op, mag)
+
+
+def test_each_batched_randaug_op_equals_torchvision_image_by_image():
+    torch.manual_seed(3)
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    for op in RANDAUG_OP_NAMES:
+        for sign in ((1, -1) if op in augment._SIGNED else (1,)):
+            m = sign * randaug_magnitude(op, RANDAUG_MAGNITUDE, 32, 32)
+            got = augment.randaug_op(x, op, m)
+            want = torch.stack([_torchvision_op(img, op, m) for img in x])
+            assert torch.equal(got, want), (op, sign)
+
+
+def test_rand_augment_gives_each_image_its_own_draws():
+    """Image i gets ops which[r][i] with signs negative[r][i] of the documented draws, applied
+    one image at a time by torchvision: the batched grouping changes nothing."""
+    torch.manual_seed(4)
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    got = rand_augment(x, seed=21)
+    gen = torch.Generator().manual_seed(21)
+    draws = [(torch.randint(len(RANDAUG_OP_NAMES), (64,), generator=gen),
+              torch.rand(64, generator=gen) <= 0.5) for _ in range(RANDAUG_OPS)]
+    assert len({int(k) for which, _ in draws for k in which}) == len(RANDAUG_OP_NAMES)
+    for i in range(64):
+        img = x[i]
+        for which, negative in draws:
+            op = RANDAUG_OP_NAMES[int(which[i])]
+            m = randaug_magnitude(op, RANDAUG_MAGNITUDE, 16, 16)
+            img = _torchvision_op(img, op, -m if op in augment._SIGNED and negative[i] else m)
+        assert torch.equal(got[i], img), i
 
 
 def test_mixup_is_a_convex_pair_with_targets_summing_to_one():

@@ -147,6 +147,26 @@ def test_augment_grid_in_two_worker_processes(tmp_path: Path) -> None:
     assert "figures/augment_gain_vs_size.png" in md.read_text()
 
 
+@pytest.mark.parametrize("scale", ["smoke", "cpu"])
+def test_augment_evaluates_once_except_the_cells_it_shares_with_main(scale: str) -> None:
+    """Cells only the data-size table reads evaluate at their last step alone; the fraction-1
+    vanilla and SAM cells stay main's cells, config for config (so one folder trains them once)."""
+    main_cells = {c.name: c for c in study_cells(get_study("main"), scale, (0,))}
+    aug = study_cells(get_study("augment"), scale, (0,))
+    shared = [c for c in aug if c.name in main_cells]
+    assert {c.name for c in shared} == set(main_cells)
+    assert all(c.config == main_cells[c.name].config for c in shared)
+    rest = [c for c in aug if c.name not in main_cells]
+    assert len(rest) == len(aug) - len(main_cells) > 0
+    for c in rest:
+        t = c.config.train
+        assert t.eval_every_epochs == t.epochs, c.name
+    from vitsam.train.engine import Timeline, is_time
+    tl = Timeline.from_config(rest[0].config.train, 7)
+    assert [s for s in range(1, tl.total_steps + 1)
+            if is_time(s, tl.eval_every, tl.total_steps)] == [tl.total_steps]
+
+
 def test_changed_config_in_an_existing_cell_folder_is_refused(study_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "copy"
     shutil.copytree(study_dir / "vit-sam-s0", out / "vit-sam-s0")

@@ -397,3 +397,24 @@ def test_fp16_runs_with_a_grad_scaler_that_checkpoints_and_resumes(tmp_path, mon
     # The resumed process's steps 4 and 5 are the uninterrupted run's steps 4 and 5.
     assert seen["cut"][-2:] == seen["whole"][3:5]
     _same_weights(whole, cut)
+
+
+def test_the_test_set_is_evaluated_once_per_evaluation_step_also_at_the_end(
+        tmp_path, monkeypatch, full_run) -> None:
+    """The loop's evaluation at the last step is final.json's test result: the whole test set
+    is not run through the model a second time for the same weights (12 steps, eval every 6)."""
+    calls = []
+    real_eval = engine.evaluate
+
+    def counting(model, batches, device, *args, **kwargs):
+        ev = real_eval(model, batches, device, *args, **kwargs)
+        calls.append(1)
+        return ev
+
+    monkeypatch.setattr(engine, "evaluate", counting)
+    final = engine.train(_tiny(tmp_path), run_dir=tmp_path / "run", progress=False)
+    evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "test_acc" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert len(calls) == 3  # steps 6 and 12, then the clean train subset
+    assert final["test_acc"] == evals[-1]["test_acc"] == full_run[1]["test_acc"]
+    assert final["test_loss"] == evals[-1]["test_loss"]
