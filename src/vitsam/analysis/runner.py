@@ -184,7 +184,15 @@ def summarize(name: str, r: dict[str, Any]) -> str:
             line += " top=" + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"])
         if "trace" in r:
             line += f" trace={r['trace']['estimate']:.4g}+-{r['trace']['stderr']:.2g}"
-        return line + f" loss={r['loss']:.4f}"
+        line += f" loss={r['loss']:.4f}"
+        if "per_block" in r:
+            rows = r["per_block"]["blocks"]
+            sharpest = max(rows, key=lambda b: b["lambda_max"])
+            line += ("; per block lambda_max: " + ", ".join(f"{b['block']} {b['lambda_max']:.3g}"
+                                                            for b in rows)
+                     + f" (sharpest {sharpest['block']}; {r['per_block']['seconds']:.1f} s, "
+                     f"{r['per_block']['num_hvps']} HVPs)")
+        return line
     if name == "ntk":
         line = f"kappa={r['kappa']:.5g} ({r['convention']} convention, {r['num_inputs']} inputs)"
         if "at_init" in r:

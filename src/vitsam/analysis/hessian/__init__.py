@@ -24,7 +24,8 @@ at tol 1e-3: 1e-4 to 1e-3 relative error) but can stop on a plateau far from the
 (MLP-Mixer at tol 1.5e-3: 5e-2 off), so it is opt-in.
 
 One module per concept: ``operator`` (the HVP operator), ``lanczos`` (the Krylov driver),
-``eigen`` (top eigenvalues by Lanczos or power iteration), ``hutchinson`` (trace), ``density``
+``eigen`` (top eigenvalues by Lanczos or power iteration), ``hutchinson`` (trace), ``blocks``
+(both restricted to each block's parameters), ``density``
 (stochastic Lanczos quadrature) and ``plugin`` (the ``vitsam analyze`` entry: ``HessianConfig``,
 ``run``, ``figures``). Everything is importable from ``vitsam.analysis.hessian``.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from vitsam.analysis.state import analysis_state
 
+from .blocks import parameter_blocks, per_block
 from .density import DensityResult, check_density, plot_density, quadrature, spectral_density
 from .eigen import METHODS, SELECTIONS, STOPS, EigenResult, top_eigenvalues
 from .eigen import _lanczos_top  # noqa: F401  (bench/bench_hvp_floor.py drives it directly)
@@ -43,6 +45,6 @@ from .plugin import HessianConfig, figures, run
 __all__ = [
     "BACKENDS", "METHODS", "SELECTIONS", "STARTS", "STOPS", "Batch", "DensityResult",
     "EigenResult", "HessianConfig", "HessianOperator", "LossFn", "TraceResult",
-    "analysis_state", "check_density", "figures", "lanczos", "plot_density", "quadrature", "run",
-    "spectral_density", "top_eigenvalues", "trace",
+    "analysis_state", "check_density", "figures", "lanczos", "parameter_blocks", "per_block",
+    "plot_density", "quadrature", "run", "spectral_density", "top_eigenvalues", "trace",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -167,6 +167,7 @@ def top_eigenvalues(
     cache_graph: bool | None = None,
     basis_device: torch.device | str | None = None,
     progress: bool | None = False,
+    params: Sequence[str] | None = None,
 ) -> EigenResult:
     """The k largest Hessian eigenvalues of the mean loss over all ``batches`` (one operator),
     by value (Lanczos) or by magnitude (power iteration); sorted by value, largest first.
@@ -194,13 +195,14 @@ def top_eigenvalues(
     the result lists them by value and names the set in ``selection``.
     start: ``"gradient"`` (default; gradient plus random direction, fewer HVPs) or
     ``"random"``, see ``HessianOperator.start_vector``; ``seed`` fixes the random part.
+    params: restrict to these parameters' diagonal block of the Hessian (see ``HessianOperator``).
     Model mode, buffers, weights and RNG state are unchanged afterwards.
     """
     _validate(k, tol, max_iter, method, stop)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     with analysis_state(model, train_mode):
-        op = HessianOperator(model, loss_fn, batches, backend, cache_graph)
+        op = HessianOperator(model, loss_fn, batches, backend, cache_graph, params)
         if k > op.size:
             raise ValueError(f"k={k} exceeds the number of parameters ({op.size})")
         if method == "lanczos":

@@ -42,11 +42,13 @@ def trace(
     seed: int = 0,
     cache_graph: bool | None = None,
     progress: bool | None = False,
+    params: Sequence[str] | None = None,
 ) -> TraceResult:
     """Hutchinson estimate of tr(H) with Rademacher probes z: mean of ``z^T H z``.
 
     Uses ``probes`` HVPs, or stops earlier once ``stderr <= rel_tol * |estimate|`` (after at
     least ``min_probes``). The estimator is unbiased; its standard error is reported.
+    ``params`` restricts it to those parameters' diagonal block (see ``HessianOperator``).
     """
     if not (isinstance(probes, int) and probes >= 2):
         raise ValueError(
@@ -55,7 +57,7 @@ def trace(
     gen = torch.Generator().manual_seed(seed)
     samples: list[float] = []
     with analysis_state(model, train_mode):
-        op = HessianOperator(model, loss_fn, batches, backend, cache_graph)
+        op = HessianOperator(model, loss_fn, batches, backend, cache_graph, params)
         for i in progress_bar(range(probes), desc="hessian trace", disable=_quiet(progress), leave=False):
             z = op.random_vector(gen, "rademacher")
             samples.append(float(z @ op.matvec(z)))

@@ -50,6 +50,8 @@ class HessianOperator:
     CPU for the three families, and the only one that can cache the graph).
     cache_graph: keep each batch's gradient graph between products (default: only when there
     is a single batch).
+    params: names of the parameters to differentiate (default: every trainable one); the
+    operator is then the diagonal block of the Hessian for those parameters, P their size.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class HessianOperator:
         batches: Iterable[Batch],
         backend: str = "auto",
         cache_graph: bool | None = None,
+        params: Sequence[str] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown HVP backend {backend!r}; choose one of {BACKENDS}")
@@ -68,6 +71,13 @@ class HessianOperator:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("the model has no parameter with requires_grad=True")
+        if params is not None:
+            wanted, have = set(params), {n for n, _ in self.named}
+            if not wanted or not wanted <= have:
+                missing = sorted(wanted - have)[:3] or ["(none given)"]
+                raise ValueError(f"params: no trainable parameter {missing[0]!r} in the model; "
+                                 "give names from model.named_parameters()")
+            self.named = [(n, p) for n, p in self.named if n in wanted]
         dtypes = {p.dtype for _, p in self.named}
         if len(dtypes) != 1:
             raise ValueError(

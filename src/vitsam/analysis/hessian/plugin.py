@@ -9,6 +9,9 @@ from torch import nn
 
 from vitsam.analysis.state import analysis_state
 
+from vitsam.io import atomic_writer
+
+from .blocks import per_block, plot_per_block
 from .density import check_density, plot_density, spectral_density
 from .eigen import _validate, top_eigenvalues
 from .hutchinson import trace
@@ -23,7 +26,9 @@ class HessianConfig:
     magnitude) to tolerance ``tol`` under the ``stop`` test (``"residual"`` or ``"change"``,
     see ``top_eigenvalues``) within ``max_iter`` HVPs;
     ``trace_probes`` Hutchinson probes (0 skips the trace); ``density`` runs SLQ with
-    ``density_steps`` Lanczos steps; ``train_mode`` uses batch statistics in normalisation.
+    ``density_steps`` Lanczos steps; ``train_mode`` uses batch statistics in normalisation;
+    ``per_block`` adds lambda_max (and, with ``trace_probes``, the trace) of the Hessian
+    restricted to each block's parameters (see ``blocks``), at the same ``tol`` and ``max_iter``.
     """
 
     k: int = 1
@@ -37,6 +42,7 @@ class HessianConfig:
     train_mode: bool = False
     seed: int = 0
     backend: str = "auto"
+    per_block: bool = False
 
     def __post_init__(self) -> None:
         # Every setting is checked when given, before a run and its data are loaded and before
@@ -54,6 +60,8 @@ class HessianConfig:
                              "backend='autograd' or 'auto'")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.per_block, bool):
+            raise ValueError(f"per_block must be true or false, got {self.per_block!r}")
 
 
 def run(model: nn.Module, data: Iterable[Batch], cfg: HessianConfig = HessianConfig()) -> dict:
@@ -98,6 +106,11 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: HessianConfig = HessianCon
         dens = spectral_density(model, loss_fn, batches, steps=cfg.density_steps,
                                 progress=None, **common)
         out["density"] = asdict(dens)
+    if cfg.per_block:
+        rows = per_block(model, loss_fn, batches, tol=cfg.tol, max_iter=cfg.max_iter,
+                         trace_probes=cfg.trace_probes, **common)
+        out["per_block"] = {"blocks": rows, "num_hvps": sum(r["num_hvps"] for r in rows),
+                            "seconds": sum(r["seconds"] for r in rows)}
     return out
 
 
@@ -115,6 +128,15 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> 
     with_density = [(lab, r["density"]) for lab, r in runs if "density" in r]
     if with_density:
         paths.append(plot_density(with_density, out_dir / "hessian_density.png"))
+    with_blocks = [(lab, r["per_block"]["blocks"]) for lab, r in runs if "per_block" in r]
+    if with_blocks:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig = plot_per_block(with_blocks)
+        p = out_dir / "hessian_per_block.png"
+        with atomic_writer(p) as fh:
+            fig.savefig(fh, format="png", dpi=130)
+        plt.close(fig)
+        paths.append(p)
     fig, ax = plt.subplots(figsize=(5.0, 3.5))
     for i, (lab, r) in enumerate(runs):
         vals = r["top_eigenvalues"]
