@@ -148,6 +148,12 @@ def test_per_block_from_the_plugin_with_an_overlaid_figure(tmp_path) -> None:
     assert fig in paths
     with Image.open(fig) as im:
         assert im.size[0] > 300 and im.size[1] > 300
+    table = (tmp_path / "hessian_per_block.md").read_text().splitlines()
+    assert table[0] == ("| block | lambda_max vanilla | lambda_max sam | trace vanilla | "
+                        "trace sam | parameters |")
+    first = pb["blocks"][0]
+    assert table[2].startswith(f"| blocks.0 | {first['lambda_max']:.4g} | {first['lambda_max']:.4g} |")
+    assert table[2].endswith(f"| {first['num_params']:,} |") and len(table) == 4
     assert "per_block" not in H.run(model, batches, plugin_config("hessian", ["hessian.tol=0.05",
                                                                               "hessian.trace_probes=0"]))
     with pytest.raises(ValueError, match="per_block must be true or false"):

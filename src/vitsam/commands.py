@@ -61,6 +61,9 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
             draw(name, [(lab, per_run[r][name]["result"]) for lab, r in zip(labels, args.runs)],
                  out)
         print(f"comparison figures -> {out}")
+        if (out / "hessian_per_block.md").exists() and "hessian" in names:
+            print("\nHessian per block (" + ", ".join(labels) + "):\n"
+                  + (out / "hessian_per_block.md").read_text())
 
 
 def _add_prune(sub: Any) -> None:

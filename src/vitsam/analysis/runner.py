@@ -188,10 +188,9 @@ def summarize(name: str, r: dict[str, Any]) -> str:
         if "per_block" in r:
             rows = r["per_block"]["blocks"]
             sharpest = max(rows, key=lambda b: b["lambda_max"])
-            line += ("; per block lambda_max: " + ", ".join(f"{b['block']} {b['lambda_max']:.3g}"
-                                                            for b in rows)
-                     + f" (sharpest {sharpest['block']}; {r['per_block']['seconds']:.1f} s, "
-                     f"{r['per_block']['num_hvps']} HVPs)")
+            line += (f"; sharpest block {sharpest['block']} (lambda_max "
+                     f"{sharpest['lambda_max']:.4g}) of {len(rows)}, "
+                     f"{r['per_block']['seconds']:.1f} s, {r['per_block']['num_hvps']} HVPs")
         return line
     if name == "ntk":
         line = f"kappa={r['kappa']:.5g} ({r['convention']} convention, {r['num_inputs']} inputs)"

@@ -88,6 +88,27 @@ def per_block(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], *, to
     return rows
 
 
+def per_block_table(runs: list[tuple[str, list[dict]]]) -> str:
+    """A Markdown table: one row per block (of the first run), lambda_max and, where measured,
+    trace per run, then the parameter count; runs: [(label, per_block rows)]."""
+    blocks = [r["block"] for r in runs[0][1]]
+    by = [(label, {r["block"]: r for r in rows}) for label, rows in runs]
+    with_trace = all("trace" in row for _, rows in runs for row in rows)
+    head = ["block"] + [f"lambda_max {lab}".strip() for lab, _ in runs]
+    if with_trace:
+        head += [f"trace {lab}".strip() for lab, _ in runs]
+    head.append("parameters")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in blocks:
+        cells = [b] + [f"{rows[b]['lambda_max']:.4g}" if b in rows else "-" for _, rows in by]
+        if with_trace:
+            cells += [f"{rows[b]['trace']['estimate']:.4g} +- {rows[b]['trace']['stderr']:.2g}"
+                      if b in rows else "-" for _, rows in by]
+        cells.append(f"{runs[0][1][blocks.index(b)]['num_params']:,}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_per_block(runs: list[tuple[str, list[dict]]]) -> Any:
     """Bar chart of lambda_max (and trace, if measured) per block; several runs side by side.
 

@@ -9,9 +9,9 @@ from torch import nn
 
 from vitsam.analysis.state import analysis_state
 
-from vitsam.io import atomic_writer
+from vitsam.io import atomic_write_bytes, atomic_writer
 
-from .blocks import per_block, plot_per_block
+from .blocks import per_block, per_block_table, plot_per_block
 from .density import check_density, plot_density, spectral_density
 from .eigen import _validate, top_eigenvalues
 from .hutchinson import trace
@@ -115,8 +115,9 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: HessianConfig = HessianCon
 
 
 def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> list[Path]:
-    """Spectral density (if computed) and top-eigenvalue plots; a list of (label, result)
-    overlays several runs. Returns the written PNG paths."""
+    """Spectral density (if computed) and top-eigenvalue plots, and with ``per_block`` a bar
+    chart and a Markdown table (``hessian_per_block.md``) of the blocks; a list of
+    (label, result) overlays several runs. Returns the written PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,6 +137,7 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> 
         with atomic_writer(p) as fh:
             fig.savefig(fh, format="png", dpi=130)
         plt.close(fig)
+        atomic_write_bytes(out_dir / "hessian_per_block.md", per_block_table(with_blocks).encode())
         paths.append(p)
     fig, ax = plt.subplots(figsize=(5.0, 3.5))
     for i, (lab, r) in enumerate(runs):
