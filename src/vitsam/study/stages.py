@@ -35,9 +35,10 @@ MARKER = "cell.json"
 
 
 def fingerprint(cfg: RunConfig) -> str:
-    """A hash of everything in a cell's config that changes its results (not its thread count
-    or output folder)."""
+    """A hash of everything in a cell's config that changes its results (not its thread count,
+    output folder, or what to do with unreadable files, which a finished run no longer holds)."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
+    d["data"].pop("bad_files", None)  # so cells trained before the setting existed still match
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
