@@ -13,6 +13,8 @@ import pytest
 from vitsam import io as vio
 from vitsam.io import atomic_write_bytes, atomic_write_json, merge_json
 
+from procs import run_together
+
 N_KEYS = 100
 TIMEOUT_S = 60
 
@@ -24,17 +26,7 @@ def _merge_many(path: str, prefix: str, barrier) -> None:
 
 
 def _run_together(target, args_per_process) -> None:
-    ctx = mp.get_context("spawn")  # no fork: nothing of the test process is shared but the files
-    barrier = ctx.Barrier(len(args_per_process))
-    procs = [ctx.Process(target=target, args=(*args, barrier)) for args in args_per_process]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * len(procs)
+    run_together(target, args_per_process, TIMEOUT_S)
 
 
 def test_merge_json_from_two_processes_keeps_every_key(tmp_path):
@@ -89,3 +81,54 @@ def test_atomic_writes_honour_the_umask(tmp_path, mask, mode):
         os.umask(old)
     for name in ("a.bin", "b.json", "c.json"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode, name
+
+
+WRITER = r"""
+import sys, time
+from vitsam.io import atomic_writer
+with atomic_writer(sys.argv[1]) as fh:
+    fh.write(b"half of a file")
+    fh.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_only_until_the_next_cleanup(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "part.npy"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        (tmp, ) = tmp_path.glob(".part.npy.*.tmp")
+        assert vio.remove_stale_temporaries(tmp_path) == [] and tmp.exists()  # still writing
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not target.exists() and tmp.exists()
+    # A temporary of the same dead writer that a live process still holds locked (a writer in
+    # another process namespace, whose pid means nothing here) is kept; another host's too.
+    import fcntl
+
+    held = tmp.with_name(tmp.name.replace(".part.npy.", ".held.npy."))
+    held.write_bytes(b"x")
+    foreign = tmp_path / f".part.npy.{'0' * 8 if vio._HOST != '0' * 8 else '1' * 8}-{proc.pid}-0123abcd.tmp"
+    foreign.write_bytes(b"x")
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert vio.remove_stale_temporaries(tmp_path) == [tmp]
+    finally:
+        os.close(fd)
+    assert not tmp.exists() and held.exists() and foreign.exists()
+    assert vio.remove_stale_temporaries(tmp_path, "other.npy") == [] and held.exists()
+    assert vio.remove_stale_temporaries(tmp_path, "held.npy") == [held]

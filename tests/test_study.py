@@ -1,7 +1,9 @@
 """Studies at smoke scale: every table cell and figure filled, reuse, failures, aggregation."""
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 import math
 import shutil
 import statistics
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vitsam.cli import main
+from vitsam.config import to_dict
 from vitsam.study import stages, tables
 from vitsam.study.presets import STUDIES, get_study, study_cells
 from vitsam.study.runner import StudyFailed, run_study
@@ -207,3 +210,34 @@ def test_cli_errors(args: list[str], text: str, tmp_path: Path, capsys) -> None:
 def test_stage_list_is_complete() -> None:
     for study in STUDIES.values():
         assert set(study.stages) <= set(stages.STAGES)
+
+
+def test_matched_loss_interpolates_curvature_in_log_loss_between_bracketing_checkpoints():
+    # Cell A reaches loss 0.1 exactly at its last checkpoint; cell B jumps from 1.0 to 0.01, so
+    # its curvature at L* = 0.1 lies halfway in log(loss): lambda 300 -> 100 gives 200.
+    a = {"_checkpoints": [{"step": 10, "loss": 2.0, "lambda_max": 5.0},
+                          {"step": 20, "loss": 0.1, "lambda_max": 7.0}]}
+    b = {"_checkpoints": [{"step": 10, "loss": 1.0, "lambda_max": 300.0},
+                          {"step": 30, "loss": 0.01, "lambda_max": 100.0},
+                          {"step": 40, "loss": 0.005, "lambda_max": 2.0}]}
+    none = {"test_acc": 0.5}
+    target = tables.match_losses([a, b, none])
+    assert target == pytest.approx(0.1)
+    assert a["lambda_max_matched"] == 7.0 and a["matched_step"] == 20
+    assert b["lambda_max_matched"] == pytest.approx(200.0)
+    assert b["matched_step"] == pytest.approx(20.0)
+    assert "lambda_max_matched" not in none
+
+
+def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged():
+    cell = study_cells(get_study("main"), "smoke", [0])[0]
+    cfg = cell.config
+    fp = stages.fingerprint(cfg)
+    same = replace(cfg, train=replace(cfg.train, threads=7, max_bad_steps=3))
+    assert stages.fingerprint(same) == fp
+    assert stages.fingerprint(replace(cfg, data=replace(cfg.data, bad_files="skip"))) == fp
+    # A folder made before train.max_bad_steps and data.bad_files existed: its config had neither.
+    old = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
+    del old["train"]["max_bad_steps"], old["data"]["bad_files"]
+    assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
+    assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp

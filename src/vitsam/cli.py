@@ -10,6 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
+from .train.signals import Interrupted
+
 # Errors that carry a message meant for the user (OSError: missing files, a file where a folder
 # is expected, a full disk, no permission); anything else is a bug and shows its traceback.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, KeyError)
@@ -168,7 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     debug = args.debug or os.environ.get("VITSAM_DEBUG") == "1"
     try:
+        from .progress import line_interval
+
+        line_interval()  # a bad VITSAM_PROGRESS_INTERVAL is refused before any work
         args.func(args)
+    except Interrupted as exc:  # SIGINT/SIGTERM in training: a checkpoint was written
+        again = "" if args.command == "train" else f", as does the same `vitsam {args.command}`"
+        print(f"vitsam: {exc}{again}", file=sys.stderr)
+        return exc.status
     except KeyboardInterrupt:
         hint = ("; `vitsam train --resume RUN_DIR` continues from the last checkpoint"
                 if args.command in ("train", "demo") else

@@ -55,6 +55,7 @@ class TrainConfig:
     ckpt_every_epochs: float = 1.0
     log_every_steps: int = 10
     max_steps: int | None = None  # hard cap on optimiser steps (smoke runs, budgets)
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss/gradient
     keep_checkpoints: int = 2
     train_eval_samples: int = 10000  # clean train accuracy at the end on at most this many images
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -349,6 +350,9 @@ def validate(cfg: RunConfig) -> None:
          f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}"),
         (t.max_steps is None or t.max_steps >= 1,
          f"train.max_steps must be >= 1 or none, got {t.max_steps}"),
+        (t.max_bad_steps >= 1,
+         f"train.max_bad_steps must be >= 1 (steps in a row with a non-finite loss or gradient "
+         f"before the run stops), got {t.max_bad_steps}"),
         (t.warmup_steps is None or t.warmup_steps >= 0,
          f"train.warmup_steps must be >= 0 or none, got {t.warmup_steps}"),
         (t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}"),

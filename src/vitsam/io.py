@@ -6,6 +6,11 @@ shared folder are as readable as the user's other files. Read-modify-write of a 
 the sibling file ``.<name>.lock``, which is left in place (removing it would let two processes
 lock two different files). ``flock`` is POSIX (Linux, macOS); on network file systems it is only
 as good as the server's lock support.
+
+A process killed while writing (SIGKILL, power loss) leaves its temporary file behind: a hidden
+``.<name>.<host>-<pid>-<token>.tmp`` next to the target, locked with ``flock`` by its writer.
+``remove_stale_temporaries`` deletes those whose writer is gone (a part of a corruption set or a
+cache entry can be gigabytes), and never one a live process is still writing.
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -32,7 +39,7 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:  # O_EXCL: never reuse another writer's temporary file; the kernel applies the umask
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             break
@@ -40,13 +47,65 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
             continue
     try:
         with os.fdopen(fd, "wb") as fh:
+            try:  # held until the rename: marks the file as being written (see the docstring)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # a file system without flock: the writer's pid still protects the file
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# The writing host in temporary names, so that a process on another machine sharing the
+# folder is never judged by this machine's process table.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Delete the temporary files ``atomic_writer`` left in ``folder`` when its process died.
+
+    ``name``: only those of the target file ``name``. A temporary file is stale when it was
+    written on this host by a process that no longer runs and nobody holds its ``flock`` (a
+    writer in another process namespace still does). Returns the paths removed.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:  # no folder yet, or unreadable: nothing of ours to clean
+        return removed
+    for p in entries:
+        m = _TEMP_NAME.fullmatch(p.name)
+        if not m or (name is not None and m["name"] != name) or m["host"] != _HOST \
+                or _running(int(m["pid"])):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -112,19 +171,27 @@ def inside(folder: str | Path, relative: Any, what: str) -> Path:
 
 
 @contextmanager
-def locked(path: str | Path) -> Iterator[None]:
+def locked(path: str | Path, waiting: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock for ``path`` while the block runs (blocks until it is free).
 
     The lock is an ``flock`` on ``.<name>.lock`` beside ``path``, so every process that updates
     ``path`` through this function takes turns; it is released when the block ends or the
-    process dies. Not re-entrant: do not nest two ``locked`` blocks for one path.
+    process dies. Not re-entrant: do not nest two ``locked`` blocks for one path. ``waiting``:
+    a line printed on stderr when another process holds the lock (so a long wait is explained).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Read-only is enough for flock and works on a lock file another user created.
     fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                import sys
+
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from vitsam.exact import scaled
 from vitsam.models.attention import attention_modules, capture_attention
 from vitsam.models.modes import eval_mode
+from vitsam.progress import progress_bar
 
 Batch = tuple[Tensor, Tensor]
 
@@ -236,7 +236,7 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: AttentionConfig = Attentio
     ent_roll_sum, n_img = 0.0, 0
     layout = None
     with eval_mode(model):
-        for bi, item in enumerate(tqdm(data, desc="attention", disable=None)):
+        for bi, item in enumerate(progress_bar(data, desc="attention", disable=None)):
             if cfg.max_batches is not None and bi >= cfg.max_batches:
                 break
             if not (isinstance(item, (tuple, list)) and len(item) == 2) or item[0].ndim != 4:

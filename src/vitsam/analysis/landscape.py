@@ -29,14 +29,17 @@ Only trainable parameters are perturbed; buffers (e.g. BatchNorm running statist
 trained values. The model is perturbed in place with ``torch._foreach`` ops and ``w0`` is restored
 bit-exactly from a saved copy at the end, also when the loop is interrupted. With
 ``LandscapeConfig.state_path`` the finished rows are written atomically to a JSON file after every
-row, so an interrupted grid resumes where it stopped.
+row, so an interrupted grid resumes where it stopped; the file holds a fingerprint of the settings,
+weights and data, and one of another grid is refused, never reused. ``vitsam analyze`` (and the
+studies' landscape stage) keep such a file per distinct grid in the run folder (``resumable``):
+a killed analysis re-run with the same arguments evaluates only the rows it had not finished.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -44,10 +47,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, atomic_writer, remove_stale_temporaries
 from ..models.modes import eval_mode
+from ..progress import progress_bar
 
 Batch = tuple[Tensor, Tensor]
 
@@ -222,6 +225,22 @@ def _save_state(path: Path, fingerprint: str, rows: dict[str, list]) -> None:
     atomic_write_json(path, {"fingerprint": fingerprint, **rows})
 
 
+def resumable(cfg: LandscapeConfig, folder: str | Path,
+              context: dict[str, Any]) -> tuple[LandscapeConfig, Path | None]:
+    """``cfg`` with a state file in ``folder`` for this grid, and that file (to delete once the
+    result is saved); ``cfg`` unchanged and None when it already names its own state file.
+
+    ``context``: what else fixes the grid (checkpoint, data draw, device). The file name hashes
+    it with the settings, so a changed setting starts a file of its own instead of meeting the
+    refusal of another grid's file; the fingerprint inside still guards weights and data.
+    """
+    if cfg.state_path is not None:
+        return cfg, None
+    key = json.dumps({"settings": cfg.settings(), **context}, sort_keys=True, default=str)
+    path = Path(folder) / f".landscape-{hashlib.sha256(key.encode()).hexdigest()[:16]}.partial.json"
+    return replace(cfg, state_path=str(path)), path
+
+
 def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = LandscapeConfig(),
         on_row: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Evaluate the loss/accuracy grid around the current weights of ``model``.
@@ -243,12 +262,14 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = Landscap
     ys = xs if cfg.dims == 2 else [0.0]
 
     state_path = Path(cfg.state_path) if cfg.state_path else None
+    if state_path:
+        remove_stale_temporaries(state_path.parent, state_path.name)  # from a write killed half-way
     fingerprint = _fingerprint(cfg, [p.detach() for p in params], batches) if state_path else ""
     rows = _load_state(state_path, fingerprint) if state_path else {"loss": [], "accuracy": []}
 
     w0 = [p.detach().clone() for p in params]
     total = len(xs) * len(ys)
-    bar = tqdm(total=total, initial=len(rows["loss"]) * len(ys), desc="landscape", disable=None)
+    bar = progress_bar(total=total, initial=len(rows["loss"]) * len(ys), desc="landscape", disable=None)
     try:
         with eval_mode(model), torch.no_grad():
             center = evaluate(model, batches)
@@ -365,6 +386,7 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path,
             ax2.plot([0], [0], "k+")
         fig.colorbar(cs, ax=fig.axes[1::2], shrink=0.8, label="train loss (nats)")
         path = out / "landscape_2d.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_writer(path) as fh:  # a kill while drawing never leaves a half-written PNG
+        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [path]

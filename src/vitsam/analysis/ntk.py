@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitsam.analysis.state import analysis_state
+from vitsam.progress import progress_bar
 
 CONVENTIONS = ("sum-logits", "trace", "full")
 
@@ -166,7 +166,7 @@ def _kernel(model: nn.Module, inputs: torch.Tensor, convention: str, chunk: int,
         passes = math.ceil(n / outer)
         total = sum(math.ceil((n - i * outer) / chunk) for i in range(passes))
         quiet = None if progress is None else not progress
-        bar = tqdm(total=total, desc="ntk jacobians", disable=quiet, leave=False)
+        bar = progress_bar(total=total, desc="ntk jacobians", disable=quiet, leave=False)
         for o0 in range(0, n, outer):
             o1 = min(n, o0 + outer)
             block = None

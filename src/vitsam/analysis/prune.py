@@ -33,7 +33,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitsam.analysis.sparsity import UnitStats, batch_inputs, record_units
 from vitsam.exact import scaled
@@ -41,6 +40,7 @@ from vitsam.models import count_params
 from vitsam.models.attention import math_attention
 from vitsam.models.modes import eval_mode, restore_modes
 from vitsam.models.surgery import mlp_hidden_sizes, mlp_modules, shrink_mlp
+from vitsam.progress import progress_bar
 
 CRITERIA = ("frequency", "contribution")
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -84,7 +84,7 @@ def calibrate(model: nn.Module, batches: Sequence[Any], progress: bool | None = 
     device = _param_device(model)
     logits: list[torch.Tensor] = []
     with eval_mode(model), record_units(model) as stats:
-        for batch in tqdm(batches, desc="calibrate", disable=_bar_off(progress)):
+        for batch in progress_bar(batches, desc="calibrate", disable=_bar_off(progress)):
             logits.append(model(batch_inputs(batch).to(device)).float().cpu())
     if not logits:
         raise PruneError("the calibration set is empty; give at least one batch")
@@ -246,7 +246,7 @@ def prune_curve(model: nn.Module, calib_batches: Iterable[Any],
                            "dead_fraction": n_dead / max(total, 1),
                            "base_accuracy": _accuracy(model, evals()),
                            "base_params": count_params(model)}
-    for r in tqdm(ratios, desc="prune curve", disable=_bar_off(progress)):
+    for r in progress_bar(ratios, desc="prune curve", disable=_bar_off(progress)):
         keep = _plan(rows, scaled(r, total, round), criterion, min_keep)
         pruned = _apply(model, keep)
         kept = sum(len(k) for k in keep.values())
@@ -318,7 +318,7 @@ def _finetune(model: nn.Module, bundle: Any, steps: int, batch_size: int, lr: fl
     batch_size = min(batch_size, len(bundle.train))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses: list[float] = []
-    bar = tqdm(total=steps, desc="fine-tune", disable=_bar_off(progress))
+    bar = progress_bar(total=steps, desc="fine-tune", disable=_bar_off(progress))
     epoch = 0
     with restore_modes(model):
         model.train()

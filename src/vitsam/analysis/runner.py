@@ -3,7 +3,10 @@
 Each plug-in module ``vitsam.analysis.<name>`` has ``run(model, data, cfg) -> dict``, a frozen
 config dataclass, and optionally ``figures(results, out_dir)``. Results go to the run folder's
 ``analysis.json`` (one entry per analysis, with its settings, checkpoint and time), figures next
-to it. Keys of a result that start with ``_`` (arrays kept for figures) are not written.
+to it. Keys of a result that start with ``_`` (arrays kept for figures) are not written. A
+plug-in may also have ``resumable(cfg, folder, context) -> (cfg, partial file)`` (landscape): its
+finished parts then survive a kill in a partial file of the run folder, deleted once the result
+is saved.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 from ..config import ConfigError, apply_overrides, to_dict
 from ..data import build_data, eval_batches
 from ..data.sample import random_subset
-from ..io import merge_json
+from ..io import merge_json, remove_stale_temporaries, sha256_file
 from ..train.checkpoint import load_run
 
 # name -> (config class, split the data comes from)
@@ -113,15 +116,24 @@ def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[st
         split = bundle.train if ANALYSES[name][1] == "train" else bundle.test
         data = sample_batches(split, bundle.mean, bundle.std, bundle.img_size,
                               req.batches * req.batch_size, req.batch_size, req.seed, req.device)
+        # A plug-in that can resume (landscape) keeps its finished parts in a file of the run
+        # folder until the result is saved: re-running a killed analysis redoes none of them.
+        resumable = getattr(plugin(name), "resumable", None)
+        work_cfg, partial = resumable(cfg, run_dir, {
+            "checkpoint": run.checkpoint.name, "step": run.step, "seed": req.seed,
+            "batches": req.batches, "batch_size": req.batch_size, "device": req.device,
+            "state_sha256": sha256_file(run.checkpoint / "state.json")}) if resumable else (cfg, None)
         t0 = time.perf_counter()
         try:
-            result = plugin(name).run(run.model, data, cfg)
+            result = plugin(name).run(run.model, data, work_cfg)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise AnalysisError(f"{name} analysis of {run_dir}: {_first_line(exc)}") from exc
         out[name] = {"result": result, "settings": to_dict(cfg), "checkpoint": run.checkpoint.name,
                      "step": run.step, "samples": sum(len(y) for _, y in data),
                      "time_s": time.perf_counter() - t0}
         save(Path(run_dir), {name: out[name]})
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return out
 
 
@@ -139,6 +151,7 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
 def save(run_dir: Path, entries: dict[str, Any]) -> Path:
     """Merge entries into ``run_dir/analysis.json`` (other analyses already there are kept)."""
     path = run_dir / "analysis.json"
+    remove_stale_temporaries(run_dir, path.name)  # left by a write killed half-way
     merge_json(path, {name: {**entry, "result": public(entry["result"])}
                       for name, entry in entries.items()}, "analysis file")
     return path

@@ -26,10 +26,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitsam.models.modes import eval_mode
 from vitsam.models.surgery import mlp_modules
+from vitsam.progress import progress_bar
 
 KIND_ORDER = ("mlp", "token", "channel", "relu")
 DEFINITION = ("a unit is activated on an image if its output > threshold at one or more "
@@ -190,7 +190,7 @@ def run(model: nn.Module, data: Iterable[Any], cfg: SparsityConfig | None = None
     cfg = cfg or SparsityConfig()
     device = next(model.parameters()).device
     with eval_mode(model), torch.no_grad(), record_units(model, cfg.threshold) as stats:
-        bar = tqdm(data, desc="sparsity", total=cfg.max_batches, disable=not cfg.progress)
+        bar = progress_bar(data, desc="sparsity", total=cfg.max_batches, disable=not cfg.progress)
         for i, batch in enumerate(bar):
             if cfg.max_batches is not None and i >= cfg.max_batches:
                 break

@@ -12,6 +12,12 @@ header's metadata, so nothing is ever unpickled), decode EXIF-rotated and transp
 ever read for them (the unpacked tarball, keyed by its bytes alone, is kept). Entries are written
 to a temporary file and renamed into place, so a crash or a concurrent writer never leaves a
 half-written entry; an entry that cannot be read or fails its reader's check is rebuilt.
+
+Many processes at once (study workers, several runs on one cache): an entry is built under an
+exclusive ``flock`` of its own (``vitsam.io.locked``), so one process builds it and the others
+wait (with a line on stderr saying so) and then load what it wrote instead of decoding the same
+images again. A build killed half-way leaves its temporary file behind; the next build of that
+entry removes it (``vitsam.io.remove_stale_temporaries``).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -26,7 +33,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, locked, remove_stale_temporaries
 
 CACHE_VERSION = 1
 ENTRY_VERSION = 3
@@ -109,6 +116,32 @@ def read_entry(path: str | Path) -> dict[str, Any]:
     return {**load_tensors(blob), **values}
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of ``path``, or None when it does not exist: tells a replaced entry."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _load(path: Path, check: Callable[[dict], Any] | None) -> dict | None:
+    """The entry at ``path``, or None (with a one-line warning) when it cannot be read or
+    ``check`` rejects it (by raising)."""
+    try:
+        data = read_entry(path)
+        if check is not None:
+            check(data)
+        return data
+    except BaseException as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit; a panic of safetensors' Rust reader is not
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"vitsam: warning: cache entry {path} is unreadable ({type(exc).__name__}: "
+              f"{first[:200]}); rebuilding it", file=sys.stderr)
+        return None
+
+
 def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[], dict],
                   check: Callable[[dict], Any] | None = None) -> dict:
     """Return the cached dict of tensors/JSON values for (name, key), building and storing it
@@ -117,21 +150,23 @@ def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[]
     An unreadable entry (damaged, from another program, another user's file without read
     permission) or one that ``check`` rejects (by raising) is rebuilt and replaced rather than
     trusted, with a one-line warning naming it, so that a cache which never works does not go
-    unnoticed.
+    unnoticed. Only one process at a time builds an entry; another that finds it missing waits
+    for that build and loads its result.
     """
     path = cache_path(cache_dir, name, key)
-    if path.exists():
+    seen = _identity(path)
+    if seen is not None and (data := _load(path, check)) is not None:
+        return data
+    with ExitStack() as stack:
         try:
-            data = read_entry(path)
-            if check is not None:
-                check(data)
-            return data
-        except BaseException as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
-            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
-                raise  # KeyboardInterrupt, SystemExit; a panic of safetensors' Rust reader is not
-            first = (str(exc).strip().splitlines() or [""])[0]
-            print(f"vitsam: warning: cache entry {path} is unreadable ({type(exc).__name__}: "
-                  f"{first[:200]}); rebuilding it", file=sys.stderr)
-    data = build()
-    write_entry(path, data)
+            stack.enter_context(locked(path, waiting="vitsam: waiting for another process to "
+                                                     f"finish building cache entry {path}"))
+        except OSError:
+            pass  # a read-only cache folder: no lock, and the write below says why it fails
+        now = _identity(path)
+        if now is not None and now != seen and (data := _load(path, check)) is not None:
+            return data  # built (or replaced) by another process while this one waited
+        remove_stale_temporaries(path.parent, path.name)
+        data = build()
+        write_entry(path, data)
     return data

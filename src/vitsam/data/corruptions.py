@@ -11,7 +11,9 @@ for; ``complete`` is true only when every requested part is listed and its file 
 against its checksum at the end of a build. Several builds may fill one folder at once (say,
 disjoint ``corruptions`` in two processes): each records a part by re-reading the manifest,
 adding the part and writing it back while holding the folder's lock (``vitsam.io.locked``), so
-no build drops another's parts, and the last one to finish sets ``complete``.
+no build drops another's parts, and the last one to finish sets ``complete``. A build killed
+while writing a part leaves a hidden temporary file; the next build removes it (only once its
+writer is gone: ``vitsam.io.remove_stale_temporaries``), so a resumed set holds only its files.
 
 Parameter sets: ``"imagenet-c"`` uses the library ``imagecorruptions`` (fork
 ``imagecorruptions-imaug``) with its defaults; ``"cifar-c"`` uses CIFAR-10-C's milder constants
@@ -62,9 +64,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..io import DamagedFileError, atomic_write_json, atomic_writer, inside, locked, sha256_file
+from ..io import (DamagedFileError, atomic_write_json, atomic_writer, inside, locked,
+                  remove_stale_temporaries, sha256_file)
+from ..progress import progress_bar
 from ..runfiles import BOOL, NUM, REL, STR, check
 from . import cifar_c
 
@@ -455,6 +458,8 @@ def build_corruption_set(
             else:
                 _drop_part(man, c_, s)
         _write_manifest(out, man, complete=False)
+        for folder in [out, *(out / c_ for c_ in ALL_CORRUPTIONS)]:
+            remove_stale_temporaries(folder)  # left by a build killed mid-write
 
     todo = [p for p in want if p not in checked]
     n = imgs.shape[0]
@@ -476,7 +481,7 @@ def build_corruption_set(
                 _write_manifest(out, current, complete=False)
             del pending[(corruption, severity)]
 
-    bar = tqdm(total=len(todo) * n, desc=f"corrupt ({params})", unit="img", disable=not progress)
+    bar = progress_bar(total=len(todo) * n, desc=f"corrupt ({params})", unit="img", disable=not progress)
     state = np.random.get_state()  # the library seeds NumPy's global generator; leave the caller's alone
     try:
         with bar:
@@ -638,7 +643,7 @@ def contact_sheet(
     fig.suptitle(f"corruptions ({params})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    with atomic_writer(out) as fh:  # a kill while drawing never leaves a half-written PNG
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
     return out

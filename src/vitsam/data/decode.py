@@ -37,8 +37,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .errors import DataError
 from .preprocess import fit_to
 
@@ -194,7 +194,8 @@ def decode_images(
         return stop - start, failed
 
     workers = workers or min(8, os.cpu_count() or 1)
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress is None else not progress)
+    bar = progress_bar(total=len(paths), desc=desc, unit="img",
+                       disable=None if progress is None else not progress)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for done, failed in pool.map(work, range(0, len(paths), chunk)):
             if failed and errors is None:

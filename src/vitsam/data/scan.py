@@ -26,8 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tqdm.auto import tqdm
-
+from ..progress import progress_bar
 from . import decode
 from .errors import DataError
 
@@ -50,7 +49,8 @@ def _each(paths: Sequence[str], fn: Callable[[int, str], Any], progress: bool | 
         return failed
 
     bad: dict[int, str] = {}
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress is None else not progress)
+    bar = progress_bar(total=len(paths), desc=desc, unit="img",
+                       disable=None if progress is None else not progress)
     with bar, ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for start, failed in zip(range(0, len(paths), _CHUNK),
                                  pool.map(work, range(0, len(paths), _CHUNK))):

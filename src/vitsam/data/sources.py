@@ -14,8 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .config import check_split_name
 from .decode import IMAGE_EXTENSIONS
 from .errors import DataError
@@ -299,8 +299,8 @@ def unpack_tarball(tarball: Path, dest: Path, progress: bool | None = None) -> P
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with tarfile.open(tarball, "r:*") as tf:
-            members = tqdm(tf, desc=f"unpack {tarball.name}", unit="file",
-                           disable=None if progress is None else not progress)
+            members = progress_bar(tf, desc=f"unpack {tarball.name}", unit="file",
+                                   disable=None if progress is None else not progress)
             tf.extractall(tmp, members=members, filter="data")  # refuses absolute paths, links out, devices
         os.replace(tmp, dest)
     except (OSError, tarfile.TarError) as err:

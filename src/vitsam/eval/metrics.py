@@ -1,5 +1,10 @@
 """Classification metrics: top-k accuracy, expected calibration error, negative log-likelihood.
 
+Ties are scored as their expected value under uniformly random tie-breaking (``topk_hits``):
+a model that gives C classes the same score is right with probability k/C in its top k, not 1 or
+0 depending on which tied index the sort happens to return first. Scores without ties count as
+before (0 or 1 per image); a row with a NaN score counts as wrong.
+
 Also the preprocessing every evaluator shares: uint8 images -> the run's one view
 (``vitsam.data.preprocess.eval_view``: images already at the model's size as they are, others
 resized so the shorter side is img_size / crop_pct and centre-cropped) -> normalised by the
@@ -28,11 +33,37 @@ def _check_logits(logits: torch.Tensor, targets: torch.Tensor, what: str = "logi
                          f"[{int(targets.min())}, {int(targets.max())}]; check the class mapping")
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the probability that the top ``k`` scores hold one of the row's labels.
+
+    scores: (N, C); labels: (N, C) bool, the right classes of each row (one for plain labels,
+    several for ReaL sets). Ties among the scores are broken uniformly at random: if G classes
+    score above the k-th largest score v and E classes score exactly v, of which J are labels,
+    a row with no label above v is hit with probability 1 - C(E - J, k - G) / C(E, k - G).
+    Returns (N,) float64 in [0, 1]; 0 for rows holding a NaN score. ``k`` >= C: every row with a
+    label is hit.
+    """
+    s = scores.detach().double()
+    k = min(int(k), s.shape[1])
+    kth = s.topk(k, dim=1).values[:, -1:]  # the k-th largest value does not depend on tie order
+    above, tied = s > kth, s == kth
+    room = k - above.sum(1)  # places left for the tied scores, 1..E
+    e = tied.sum(1).double()
+    j = (tied & labels).sum(1).double()
+    miss = torch.ones(s.shape[0], dtype=torch.float64)
+    for i in range(k):  # C(E - J, r) / C(E, r) = prod_{i < r} (E - J - i) / (E - i)
+        factor = ((e - j - i).clamp(min=0) / (e - i).clamp(min=1))
+        miss = torch.where(room > i, miss * factor, miss)
+    hit = torch.where((above & labels).any(1), torch.ones_like(miss), 1 - miss)
+    return hit.masked_fill(s.isnan().any(1), 0.0)
+
+
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Fraction of rows whose target is among the k highest scores, per k in ``ks``.
 
     logits: (N, C) scores (logits or probabilities), targets: (N,) int class indices.
-    A k at or above C counts every row as right (all classes are in the top k).
+    A k at or above C counts every row as right (all classes are in the top k); ties count as
+    the expected hit under random tie-breaking (``topk_hits``).
     """
     _check_logits(logits, targets)
     if any(int(k) < 1 for k in ks):
@@ -40,14 +71,13 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]
     n = targets.shape[0]
     if n == 0:
         raise ValueError("no samples to score; the batches are empty")
-    kmax = min(max(int(k) for k in ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices  # (N, kmax), best first
-    hits = top.eq(targets[:, None])
-    return {int(k): float(hits[:, :min(int(k), kmax)].any(dim=1).sum()) / n for k in ks}
+    labels = F.one_hot(targets.long(), logits.shape[1]).bool()
+    return {int(k): float(topk_hits(logits, labels, int(k)).sum()) / n for k in ks}
 
 
 def ece_from_confidences(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE from per-sample confidence (N,) in [0, 1] and correctness (N,) bool.
+    """ECE from per-sample confidence (N,) in [0, 1] and correctness (N,): bool, or the
+    probability of being right (a tie at the top, ``topk_hits``).
 
     Equal-width bins (i/n_bins, (i+1)/n_bins]; ECE = sum_b |B_b|/N * |accuracy(B_b) - confidence(B_b)|.
     """
@@ -69,17 +99,22 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bin
     """Expected calibration error (Guo et al. 2017) of predicted probabilities.
 
     probs: (N, C) rows summing to 1; targets: (N,) int. Confidence = max probability, correct =
-    argmax == target; 15 equal-width confidence bins by default. Returns a fraction in [0, 1].
+    argmax == target (a tie at the top: the chance a random pick among the tied classes is the
+    target); 15 equal-width confidence bins by default. Returns a fraction in [0, 1].
     """
     _check_logits(probs, targets, "probs")
-    conf, pred = probs.max(dim=1)
-    return ece_from_confidences(conf, pred.eq(targets), n_bins)
+    if targets.shape[0] == 0:
+        raise ValueError("no samples to score; the batches are empty")
+    right = topk_hits(probs, F.one_hot(targets.long(), probs.shape[1]).bool(), 1)
+    return ece_from_confidences(probs.max(dim=1).values, right, n_bins)
 
 
 class MetricAccumulator:
     """Running top-1/top-5 accuracy, ECE and NLL over batches of logits (N, C) and targets (N,)."""
 
     def __init__(self, ks: Sequence[int] = (1, 5), n_bins: int = 15) -> None:
+        if any(int(k) < 1 for k in ks):
+            raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
         self.ks = tuple(int(k) for k in ks)
         self.n_bins = n_bins
         self.hits = {k: 0.0 for k in self.ks}
@@ -95,13 +130,13 @@ class MetricAccumulator:
         b = targets.shape[0]
         if b == 0:
             return
-        for k, acc in topk_accuracy(logits, targets, self.ks).items():
-            self.hits[k] += acc * b
+        labels = F.one_hot(targets, logits.shape[1]).bool()
+        hits = {k: topk_hits(logits, labels, k) for k in {1, *self.ks}}
+        for k in self.ks:
+            self.hits[k] += float(hits[k].sum())
         self.nll_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-        probs = logits.softmax(dim=1)
-        conf, pred = probs.max(dim=1)
-        self.conf.append(conf)
-        self.correct.append(pred.eq(targets))
+        self.conf.append(logits.softmax(dim=1).max(dim=1).values)
+        self.correct.append(hits[1])
         self.n += b
 
     def result(self) -> dict[str, float | int]:

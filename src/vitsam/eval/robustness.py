@@ -10,6 +10,10 @@ ImageNet-C folder tree ``root/<corruption>/<severity>/<class>/<image>``.
 
 ``mce`` implements Hendrycks & Dietterich (2019): CE_c = sum_s E_{s,c} / sum_s E^base_{s,c},
 mCE = mean_c CE_c; relative CE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean).
+A ratio whose denominator is zero (within float rounding of the error sums, ``RATIO_TOLERANCE``)
+or, for relative CE, negative (the baseline does better on corrupted images than on clean ones)
+is undefined: it is reported as None with its reason under ``undefined`` and left out of the
+mean, never printed as a huge number.
 The baseline is any run the user chooses, or AlexNet's published ImageNet-C errors
 (meaningful only for the real ImageNet-C, not for sets regenerated from other images).
 """
@@ -21,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.corruptions import (
     ALL_CORRUPTIONS,
@@ -30,6 +33,7 @@ from ..data.corruptions import (
     load_clean_set,
     load_corruption_set,
 )
+from ..progress import progress_bar
 from .metrics import evaluate, uint8_batches
 from .shifts import evaluate_folder
 
@@ -48,6 +52,10 @@ ALEXNET_ERRORS: dict[str, float] = {
 # reach 56.522% top-1 (torchvision AlexNet_Weights.IMAGENET1K_V1 metadata); the paper's 43.5%.
 ALEXNET_CLEAN_ERROR = 1 - 0.56522
 N_SEVERITIES = 5
+# Errors are fractions summed over at most a few severities: a denominator within this of zero
+# is zero up to float rounding (1 - 0.67 and the mean of 1 - 0.83, ..., 1 - 0.46 differ by 2e-16),
+# and still far below one image's worth of error on any test set up to 10^8 images.
+RATIO_TOLERANCE = 1e-9
 
 _ABBREV = {
     "gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
@@ -112,7 +120,7 @@ def evaluate_corruptions(
     man = load_corruption_set(corruption_dir, complete=True)
     parts: dict[str, dict[int, dict[str, Any]]] = {}
     n_parts = sum(len(v) for v in man["parts"].values())
-    with tqdm(total=n_parts, desc="corruptions", unit="part", disable=not progress) as bar:
+    with progress_bar(total=n_parts, desc="corruptions", unit="part", disable=not progress) as bar:
         for corruption, severity, images, labels in iter_corruption_set(corruption_dir, verify=verify,
                                                                         manifest=man):
             batches = uint8_batches(images, labels, batch_size, mean, std, img_size, device, crop_pct)
@@ -167,7 +175,7 @@ def evaluate_corruption_folders(
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ValueError(f"the corruption folders of {root} ({shown}) have no severity sub-folders "
                          f"1..{N_SEVERITIES}; expected {root}/<corruption>/<severity>/<class>/<image>")
-    for c, s in tqdm(todo, desc="corruptions", unit="part", disable=not progress):
+    for c, s in progress_bar(todo, desc="corruptions", unit="part", disable=not progress):
         res = evaluate_folder(model, root / c / str(s), train_classes, **common)
         parts.setdefault(c, {})[s] = {k: res[k] for k in ("top1", "top5", "ece", "nll", "n")}
     clean_metrics = None
@@ -222,6 +230,12 @@ def mce(
     run lacks in ``missing`` (then mCE is not comparable with the published one). Results are
     ratios (1.0 = as bad as the baseline; x100 for the usual percent); relative values need both
     clean errors and are None otherwise.
+
+    A CE whose baseline errors sum to 0, or a relative CE whose baseline is not worse under the
+    corruption than clean (denominator <= ``RATIO_TOLERANCE``), is undefined: None in ``CE`` /
+    ``relative_CE``, its reason in ``undefined[key][corruption]``, left out of the mean. A mean
+    with nothing to average is None with its reason in ``undefined["mCE"]`` /
+    ``undefined["relative_mCE"]``.
     """
     name = "custom"
     if isinstance(baseline_errors, str):
@@ -238,8 +252,9 @@ def mce(
     used = [c for c in run_errors if c in baseline_errors]
     if not used:
         raise ValueError("the run and the baseline share no corruption names; check the names")
-    ce: dict[str, float] = {}
-    rel: dict[str, float] = {}
+    ce: dict[str, float | None] = {}
+    rel: dict[str, float | None] = {}
+    undefined: dict[str, Any] = {"CE": {}, "relative_CE": {}}
     relative = clean_err is not None and baseline_clean_err is not None
     for c in used:
         r_sum, r_n, r_sev = _sum_count(run_errors[c], c, "run_errors")
@@ -250,16 +265,21 @@ def mce(
         if r_n != b_n:
             raise ValueError(f"{c}: the baseline is an average over {b_n} severities but the run has {r_n}; "
                              "evaluate all 5 severities")
-        if b_sum <= 0:
-            raise ValueError(f"{c}: the baseline's errors sum to 0, so CE is undefined; choose another baseline")
-        ce[c] = r_sum / b_sum
+        ce[c] = _ratio(r_sum, b_sum, undefined["CE"], c,
+                       "the baseline makes no errors under it, so CE (run error / baseline error) has a "
+                       "zero denominator")
         if relative:
             denom = b_sum - b_n * baseline_clean_err
-            rel[c] = (r_sum - r_n * clean_err) / denom if denom != 0 else float("nan")
+            why = ("the baseline's error under it equals its clean error, so relative CE (error increase "
+                   "/ baseline's error increase) has a zero denominator" if abs(denom) <= RATIO_TOLERANCE
+                   else "the baseline's error under it is below its clean error, so relative CE (error "
+                   "increase / baseline's error increase) has a negative denominator")
+            rel[c] = _ratio(r_sum - r_n * clean_err, denom, undefined["relative_CE"], c, why)
     out: dict[str, Any] = {
-        "mCE": sum(ce.values()) / len(ce),
+        "mCE": _mean(ce, undefined, "mCE", "no corruption has a defined CE"),
         "CE": ce,
-        "relative_mCE": sum(rel.values()) / len(rel) if relative else None,
+        "relative_mCE": (_mean(rel, undefined, "relative_mCE", "no corruption has a defined relative CE")
+                         if relative else None),
         "relative_CE": rel if relative else None,
         "baseline": name,
         "corruptions": used,
@@ -267,8 +287,27 @@ def mce(
         "missing": [c for c in baseline_errors if c not in run_errors],
         "clean_err": clean_err,
         "baseline_clean_err": baseline_clean_err,
+        "undefined": undefined,
     }
+    if not relative:
+        undefined["relative_mCE"] = "relative mCE needs the clean error of both the run and the baseline"
     return out
+
+
+def _ratio(num: float, denom: float, undefined: dict[str, str], key: str, why: str) -> float | None:
+    """num / denom, or None (with ``why`` recorded under ``key``) when denom <= RATIO_TOLERANCE."""
+    if denom <= RATIO_TOLERANCE:
+        undefined[key] = why
+        return None
+    return num / denom
+
+
+def _mean(values: Mapping[str, float | None], undefined: dict[str, Any], key: str, why: str) -> float | None:
+    defined = [v for v in values.values() if v is not None]
+    if not defined:
+        undefined[key] = why
+        return None
+    return sum(defined) / len(defined)
 
 
 def _clean_err(results: Mapping[str, Any]) -> float | None:
@@ -311,7 +350,8 @@ def _as_runs(runs: Runs) -> list[tuple[str, Mapping[str, Any]]]:
 def corruption_errors_table(runs: Runs, baseline: Mapping[str, Any] | str | None = None) -> str:
     """Text table, one row per run: clean error, mean corruption accuracy, mCE, error per corruption (%).
 
-    ``baseline``: a results dict or ``"alexnet"`` to add mCE / relative mCE columns.
+    ``baseline``: a results dict or ``"alexnet"`` to add mCE / relative mCE columns. An
+    undefined value prints as ``n/a``, and a note under the table gives each one's reason.
     """
     runs = _as_runs(runs)
     names = [c for c in ALL_CORRUPTIONS if any(c in r["corruption_error"] for _, r in runs)]
@@ -320,15 +360,14 @@ def corruption_errors_table(runs: Runs, baseline: Mapping[str, Any] | str | None
     if baseline is not None:
         head += f" {'mCE':>6} {'relCE':>6}"
     head += "".join(f" {_ABBREV[c]:>6}" for c in names)
-    lines = [head]
+    lines, notes = [head], []
     for label, r in runs:
         clean = _clean_err(r)
-        row = f"{label:<{width}} {'' if clean is None else f'{100 * clean:.1f}':>6}"
-        row += f" {100 * r['mean_corruption_accuracy']:>6.1f}"
+        row = f"{label:<{width}} {_pct(clean, ''):>6} {_pct(r['mean_corruption_accuracy']):>6}"
         if baseline is not None:
             m = mce_from_results(r, baseline)
-            rel = m["relative_mCE"]
-            row += f" {100 * m['mCE']:>6.1f} {'' if rel is None else f'{100 * rel:.1f}':>6}"
+            row += f" {_pct(m['mCE']):>6} {_pct(m['relative_mCE'], 'n/a' if clean is not None else ''):>6}"
+            notes += _undefined_notes(label, m)
         row += "".join(f" {100 * r['corruption_error'][c]:>6.1f}" if c in r["corruption_error"] else f" {'':>6}"
                        for c in names)
         lines.append(row)
@@ -336,7 +375,20 @@ def corruption_errors_table(runs: Runs, baseline: Mapping[str, Any] | str | None
     note = f"errors in % (top-1), mCA = mean corruption accuracy %, set: {', '.join(params)}"
     if baseline is not None:
         note += ", mCE vs " + (baseline if isinstance(baseline, str) else "the given baseline run")
-    return "\n".join(lines + [note])
+    return "\n".join(lines + [note] + notes)
+
+
+def _pct(v: float | None, missing: str = "n/a") -> str:
+    return missing if v is None else f"{100 * v:.1f}"
+
+
+def _undefined_notes(label: str, m: Mapping[str, Any]) -> list[str]:
+    """One line per undefined CE / relative CE of a run: left out of its mean, and why."""
+    out = []
+    for key, what, mean in (("CE", "CE", "mCE"), ("relative_CE", "relative CE", "relative mCE")):
+        for c, why in m.get("undefined", {}).get(key, {}).items():
+            out.append(f"{label}: {what} for {c} undefined ({why}); left out of {mean}")
+    return out
 
 
 def severity_table(results: Mapping[str, Any]) -> str:
@@ -349,7 +401,8 @@ def severity_table(results: Mapping[str, Any]) -> str:
                      + f" {100 * results['corruption_accuracy'][c]:>6.1f}")
     if results.get("clean"):
         lines.append(f"{'clean':<18} {100 * results['clean']['top1']:>6.1f}")
-    lines.append(f"mean corruption accuracy {100 * results['mean_corruption_accuracy']:.1f}% ({results.get('params')})")
+    mca = _pct(results["mean_corruption_accuracy"])
+    lines.append(f"mean corruption accuracy {mca}% ({results.get('params')})")
     return "\n".join(lines)
 
 
@@ -382,7 +435,7 @@ def heatmap(runs: Runs, out_path: str | Path) -> Path:
         ax.set_xticks(range(len(sev)), [str(s) for s in sev], fontsize=7)
         ax.set_yticks(range(len(names)), names if ax is axes[0, 0] else [""] * len(names), fontsize=7)
         ax.set_xlabel("severity", fontsize=7)
-        ax.set_title(f"{label}\nmCA {100 * r['mean_corruption_accuracy']:.1f}% ({r.get('params')})", fontsize=8)
+        ax.set_title(f"{label}\nmCA {_pct(r['mean_corruption_accuracy'])}% ({r.get('params')})", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="top-1 accuracy (%)", shrink=0.8)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ tensors:
 * ``evaluate_real_labels``: multi-label ground truth (ImageNet "ReaL"), matched to images by id
   (``real_label_sets``): an image's id is its path relative to the folder (``"cat/0000.jpg"``),
   the same for a folder and for a test split held in memory. A prediction is right if it is in
-  the image's label set; images with an empty set are skipped; ECE is not defined for label sets
-  and is reported as None.
+  the image's label set (tied scores: the chance a random pick among them is, ``topk_hits``);
+  images with an empty set are skipped; ECE is not defined for label sets and is None.
 * ``evaluate_folder``: a second test folder with the training classes (ImageNet-V2 style), whose
   class folders are named by training class name or by class index.
 
@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.decode import IMAGE_EXTENSIONS, load_array
 from ..data.preprocess import eval_view
 from ..data.tensors import ImageFiles, ImageTensors
 from ..io import read_json
 from ..models.modes import eval_mode
-from .metrics import MetricAccumulator, model_logits, preprocess
+from ..progress import progress_bar
+from .metrics import MetricAccumulator, model_logits, preprocess, topk_hits
 
 Source = str | Path | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 RealSource = str | Path | torch.Tensor | ImageTensors | ImageFiles
@@ -235,7 +235,7 @@ def evaluate_class_mapped(
     acc = MetricAccumulator()
     subset = torch.tensor(scored)
     with eval_mode(model):
-        with tqdm(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
+        with progress_bar(total=total, desc="evaluate", unit="img", disable=not progress) as bar:
             for x_u8, pos in batches:
                 logits = model_logits(model, preprocess(x_u8, mean, std, img_size, crop_pct).to(device)).cpu()
                 if scored[-1] >= logits.shape[1]:
@@ -434,6 +434,8 @@ def evaluate_real_labels(
     _check_common(img_size, batch_size, in_chans, crop_pct)
     real = _load_json(real_labels, "ReaL labels")
     ids, paths, images = _real_source(source, image_ids)
+    if not ids:
+        raise ValueError("the ReaL source holds no images; nothing to score")
     sets = real_label_sets(ids, real)
     try:
         label_sets = [sorted({int(c) for c in s}) for s in sets]
@@ -444,22 +446,23 @@ def evaluate_real_labels(
         raise ValueError("every image has an empty ReaL label set; nothing to score")
     batches = (_path_batches([paths[int(i)] for i in keep], batch_size, img_size, in_chans, crop_pct, workers)
                if images is None else _tensor_batches(images, keep, batch_size))
-    top1 = top5 = 0
+    top1 = top5 = 0.0
     n = 0
     with eval_mode(model):
-        with tqdm(total=keep.numel(), desc="evaluate ReaL", unit="img", disable=not progress) as bar:
+        with progress_bar(total=keep.numel(), desc="evaluate ReaL", unit="img", disable=not progress) as bar:
             for x_u8, pos in batches:
                 logits = model_logits(model, preprocess(x_u8, mean, std, img_size, crop_pct).to(device)).cpu()
                 index = keep[pos] if images is None else pos  # folder batches count kept images
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                for row, i in zip(top.tolist(), index.tolist()):
+                mask = torch.zeros(logits.shape, dtype=torch.bool)  # (B, C): each image's label set
+                for r, i in enumerate(index.tolist()):
                     s = label_sets[i]
                     if s[-1] >= logits.shape[1] or s[0] < 0:
                         raise ValueError(f"ReaL label {s[-1]} of image {ids[i]!r} is outside the model's "
                                          f"{logits.shape[1]} classes")
-                    top1 += row[0] in s
-                    top5 += any(c in s for c in row)
-                n += top.shape[0]
+                    mask[r, s] = True
+                top1 += float(topk_hits(logits, mask, 1).sum())
+                top5 += float(topk_hits(logits, mask, 5).sum())
+                n += logits.shape[0]
                 bar.update(pos.numel())
     where = source if isinstance(source, (str, Path)) else "tensors"
     return {"kind": "real_labels", "top1": top1 / n, "top5": top5 / n, "ece": None, "n": n,

@@ -73,6 +73,9 @@ class SAM(Optimizer):
         loss_fn(model(x), y).backward()
         sam.second_step(zero_grad=True)    # w + eps -> w, then the base optimiser steps
 
+    ``cancel()`` instead of the second step abandons a step (weights restored exactly, no
+    optimiser step), e.g. when a loss or gradient is not finite.
+
     Each param group may set its own ``rho`` (``rho=0``: never perturbed) and ``adaptive``.
     An LR scheduler attached to the SAM object drives the base optimiser (shared groups).
     ``state_dict()`` is the base optimiser's state dict (momenta, Adam moments, groups incl.
@@ -233,6 +236,13 @@ class SAM(Optimizer):
             params, olds = zip(*self._saved)
             torch._foreach_copy_(list(params), list(olds))
         self._saved = []
+
+    @torch.no_grad()
+    def cancel(self) -> None:
+        """Abandon the step begun by ``first_step``: weights copied back exactly, no optimiser
+        step, nothing pending (a non-finite loss or gradient; ``vitsam.optim.steps``)."""
+        self.restore()
+        self._clean, self._eps, self._pending = [], [], False
 
     @torch.no_grad()
     def base_step(self) -> None:

@@ -4,6 +4,14 @@ The training engine calls :func:`train_step` once per batch and steps the LR sch
 The criterion must return the *mean* loss over its batch (``reduction="mean"``, as
 ``nn.CrossEntropyLoss`` and soft-target cross-entropy do): micro-batch and chunk losses are
 re-weighted by their share of the batch so every gradient equals the full-batch mean gradient.
+
+Non-finite steps, in every precision: a step whose loss (clean or perturbed) or gradient (clean
+or final) holds an inf or NaN is skipped as if its batch had not been drawn: the weights (SAM's
+perturbation undone by copying the saved values back), the optimiser state, BatchNorm running
+statistics and the torch RNG are left exactly as they were before the step. It is flagged
+``skipped`` and, unless it is an fp16 gradient overflow the GradScaler handles by lowering its
+scale, ``nonfinite``: the engine counts those and stops a run after too many in a row
+(``vitsam.train.badsteps``).
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
@@ -67,12 +76,19 @@ def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor
 
     x: (B, C, H, W) float inputs. y: (B,) int64 labels or (B, num_classes) float soft targets.
     Returns floats: ``loss`` (clean mean over the batch), ``correct`` (count of argmax(logits) ==
-    label or argmax(target)), ``n`` (B), ``grad_norm`` (clean gradient's global L2 norm before
-    clipping), ``skipped`` (1.0 if the GradScaler found inf/NaN and no step was taken), and for
-    SAM also ``perturbed_loss``, ``sharpness`` (perturbed_loss - loss), ``eps_norm`` and
-    ``grad_cosine`` (cosine between the clean and the perturbed gradient).
-    With an enabled GradScaler, non-finite gradients in either pass skip the whole step
-    (weights restored exactly, no base-optimiser step) and ``scaler.update()`` still runs.
+    label or argmax(target); a tie for the top score counts 1 / number tied if the label is
+    among them), ``n`` (B), ``grad_norm`` (clean gradient's global L2 norm before
+    clipping), ``skipped`` (1.0 if no optimiser step was taken), ``nonfinite`` (1.0 if that was
+    because of a non-finite loss or gradient the GradScaler cannot handle), and for SAM also
+    ``perturbed_loss``, ``sharpness`` (perturbed_loss - loss), ``eps_norm`` and ``grad_cosine``
+    (cosine between the clean and the perturbed gradient).
+
+    A skipped step leaves the weights, the optimiser state, BatchNorm running statistics and the
+    torch RNG exactly as they were (the module docstring says when a step is skipped). With an
+    enabled GradScaler a gradient overflow in either pass also skips the step and
+    ``scaler.update()`` still runs (and lowers the scale); it counts as ``nonfinite`` only when
+    the scale is already at most 1, where lowering it cannot help. A non-finite loss is always
+    ``nonfinite``. Under DistributedDataParallel the workers agree on the verdict.
     """
     _check_batch(x, y)
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -80,10 +96,14 @@ def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor
     if not isinstance(cfg, StepConfig):
         raise ValueError(f"cfg must be a StepConfig, got {type(cfg).__name__}")
     optimizer.zero_grad(set_to_none=True)
+    before = _Untouched.take(model, x.device)
     if isinstance(optimizer, SAM):
         stats = _sam_step(model, criterion, x, y, optimizer, scaler, cfg)
     else:
         stats = _plain_step(model, criterion, x, y, optimizer, scaler, cfg)
+    if stats["skipped"]:
+        before.restore()
+    stats = {k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for k, v in stats.items()}
     # One host sync for all numbers.
     values = torch.stack([v.detach().float().to(x.device) for v in stats.values()]).cpu().tolist()
     return dict(zip(stats.keys(), values))
@@ -99,14 +119,16 @@ def _plain_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch
     if use_scaler:
         scaler.unscale_(optimizer)
     params = _params_with_grad(optimizer)
-    grad_norm = _final_norm(params, cfg.clip_norm, always=True)
-    skipped = use_scaler and not bool(torch.isfinite(grad_norm))
+    grad_norm = _final_norm(params, cfg.clip_norm)
+    bad_loss, bad_grad = _nonfinite(model, [loss_sum], [grad_norm])
+    skipped = bad_loss or bad_grad
+    nonfinite = bad_loss or (bad_grad and not _scaler_can_help(scaler))
     if not skipped:
         optimizer.step()
     if use_scaler:
         scaler.update()
     return {"loss": loss_sum / n, "correct": correct, "n": torch.tensor(float(n)),
-            "grad_norm": grad_norm, "skipped": torch.tensor(float(skipped))}
+            "grad_norm": grad_norm, "skipped": skipped, "nonfinite": nonfinite}
 
 
 def _sam_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor, opt: SAM,
@@ -121,7 +143,7 @@ def _sam_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
     correct = torch.zeros((), device=dev)
     eps_sum = torch.zeros((), device=dev)
     clean_acc: list[torch.Tensor | None] = [None] * len(params)  # m-chunks: batch-mean clean gradient
-    seen, skipped, overflow_first = 0, False, False
+    seen, overflow_first = 0, False
     track_cosine = opt.track_cosine
     opt.track_cosine = track_cosine and not multi  # chunks: the cosine uses clean_acc instead
     try:
@@ -143,8 +165,8 @@ def _sam_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
                 _accumulate(clean_acc, params, nc / n)
             opt.first_step()
             if use_scaler and not bool(torch.isfinite(opt.last_grad_norm)):
-                opt.restore()
-                skipped = overflow_first = True
+                opt.cancel()
+                overflow_first = True
                 break
             eps_sum += opt.last_eps_norm.to(dev) * (nc / n)
             if multi:
@@ -168,16 +190,17 @@ def _sam_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
         # The first pass overflowed: make the scaler see it too, so update() backs off.
         for p in _params_with_grad(opt):
             p.grad.fill_(float("nan"))
+        bad_loss, bad_grad = _nonfinite(model, [clean_sum], [])[0], True
         scaler.unscale_(opt)
         perturbed = nan
     else:
         if use_scaler:
             scaler.unscale_(opt)
         final = _params_with_grad(opt)
-        final_norm = _final_norm(final, cfg.clip_norm, always=use_scaler)
-        skipped = use_scaler and not bool(torch.isfinite(final_norm))
-        if skipped:
-            opt.restore()
+        final_norm = _final_norm(final, cfg.clip_norm)
+        bad_loss, bad_grad = _nonfinite(model, [clean_sum, pert_sum], [grad_norm, final_norm])
+        if bad_loss or bad_grad:
+            opt.cancel()  # back to the weights before the perturbation, exactly
         elif multi:
             pairs = [(c, p.grad) for c, p in zip(clean_acc, params) if c is not None and p.grad is not None]
             if track_cosine and pairs:
@@ -187,12 +210,14 @@ def _sam_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
             opt.second_step()
             cosine = opt.last_grad_cosine
         perturbed = pert_sum / n
+    skipped = bad_loss or bad_grad
+    nonfinite = bad_loss or (bad_grad and not _scaler_can_help(scaler))
     if use_scaler:
         scaler.update()
     loss = clean_sum / seen
     return {"loss": loss, "correct": correct, "n": torch.tensor(float(n)), "grad_norm": grad_norm,
             "perturbed_loss": perturbed, "sharpness": perturbed - loss, "eps_norm": nan if overflow_first else eps_sum,
-            "grad_cosine": cosine, "skipped": torch.tensor(float(skipped))}
+            "grad_cosine": nan if skipped else cosine, "skipped": skipped, "nonfinite": nonfinite}
 
 
 # -- passes ---------------------------------------------------------------------------------
@@ -222,8 +247,16 @@ def _forward_backward(model: nn.Module, criterion: Callable, x: torch.Tensor, y:
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
         target = y[a:b] if y.ndim == 1 else y[a:b].argmax(-1)
         loss_sum += loss.detach().float() * (b - a)
-        correct += (logits.detach().argmax(-1) == target).sum()
+        correct += _top1_hits(logits.detach(), target)
     return loss_sum, correct
+
+
+def _top1_hits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of the chance that a random pick among the top-scoring classes is the
+    target: argmax accuracy, with ties (common in bf16 logits) counted fairly, not by index
+    order; a NaN row counts 0 (``vitsam.eval.metrics.topk_hits`` for k = 1)."""
+    tied = logits == logits.amax(-1, keepdim=True)
+    return (tied.gather(-1, target[:, None]).squeeze(-1).float() / tied.sum(-1).clamp(min=1)).sum()
 
 
 @contextmanager
@@ -250,6 +283,51 @@ def frozen_running_stats(model: nn.Module) -> Iterator[nn.Module]:
                 buf.copy_(saved)
 
 
+# -- non-finite steps -----------------------------------------------------------------------
+class _Untouched:
+    """What a step changes besides weights and optimiser state, saved so a skipped step can
+    put it back: the torch RNG (dropout, drop-path draws) and running-statistics buffers."""
+
+    def __init__(self, device: torch.device, rng: tuple,
+                 buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.device, self.rng, self.buffers = device, rng, buffers
+
+    @classmethod
+    def take(cls, model: nn.Module, device: torch.device) -> "_Untouched":
+        bufs = [(b, b.clone()) for m in model.modules() for name, b in m.named_buffers(recurse=False)
+                if name in _STAT_BUFFERS and b is not None]
+        return cls(device, _rng_snapshot(device), bufs)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for buf, saved in self.buffers:
+            buf.copy_(saved)
+        cpu, dev = self.rng
+        torch.set_rng_state(cpu)
+        if dev is not None:
+            torch.get_device_module(self.device.type).set_rng_state(dev[1], dev[0])
+
+
+def _nonfinite(model: nn.Module, losses: list[torch.Tensor],
+               norms: list[torch.Tensor]) -> tuple[bool, bool]:
+    """(some loss is not finite, some gradient norm is not finite): one host sync; under DDP the
+    flags are all-reduced so every worker skips the same steps."""
+    dev = losses[0].device
+    flags = torch.stack([~torch.isfinite(torch.stack([v.to(dev).float() for v in vs])).all()
+                         if vs else torch.zeros((), dtype=torch.bool, device=dev)
+                         for vs in (losses, norms)]).float()
+    if isinstance(model, DistributedDataParallel) and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_loss, bad_grad = flags.tolist()
+    return bool(bad_loss), bool(bad_grad)
+
+
+def _scaler_can_help(scaler: torch.amp.GradScaler | None) -> bool:
+    """A gradient overflow is the GradScaler's to handle while its scale is above 1 (update()
+    lowers it); at 1 or below the gradients overflow unscaled."""
+    return scaler is not None and scaler.is_enabled() and scaler.get_scale() > 1.0
+
+
 # -- small helpers --------------------------------------------------------------------------
 def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
@@ -271,13 +349,11 @@ def _params_with_grad(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
 
 
-def _final_norm(params: list[torch.Tensor], clip_norm: float | None, always: bool) -> torch.Tensor:
+def _final_norm(params: list[torch.Tensor], clip_norm: float | None) -> torch.Tensor:
     """Global norm of the gradients (before clipping); clips in place when ``clip_norm`` is set."""
     if clip_norm is not None:
         return torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=None)
-    if always:
-        return global_norm([p.grad for p in params])
-    return torch.full((), float("nan"))
+    return global_norm([p.grad for p in params])
 
 
 def _unscale_(params: list[torch.Tensor], scaler: torch.amp.GradScaler) -> None:

@@ -13,14 +13,14 @@ import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
-from multiprocessing import get_context
+from multiprocessing import get_context, parent_process
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
-
 from ..config import ConfigError, RunConfig, validate
 from ..io import atomic_write_json
+from ..lifeline import exit_with_parent
+from ..progress import progress_bar
 from .presets import SCALE_NOTES, Cell, Study, cell_overrides, describe, study_cells
 from .stages import pending, run_cell
 from .tables import write_tables
@@ -46,6 +46,10 @@ def _worker(cell: Cell, cfg: RunConfig, cell_dir: str, stages: tuple[str, ...], 
         out = run_cell(cell, cfg, Path(cell_dir), stages, settings, shared)
         return {"status": "done", **out}
     except KeyboardInterrupt:
+        if parent_process() is not None:
+            # A pool worker stopped by a signal (its checkpoint written): end the process rather
+            # than return to the pool for another cell, whose parent may be gone.
+            os._exit(130)
         raise
     except BaseException as exc:  # noqa: BLE001 - a failing cell is reported, never fatal
         return {"status": "failed", "error": _one_line(exc),
@@ -119,8 +123,8 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
     record["shared"] = shared
     atomic_write_json(rec_path, record)
 
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo) - len(errors), unit="cell",
-               desc=f"study {study.name} ({scale})", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(cells), initial=len(cells) - len(todo) - len(errors), unit="cell",
+                       desc=f"study {study.name} ({scale})", disable=not progress, dynamic_ncols=True)
     args = {c.name: (c, configs[c.name], str(out / c.name), study.stages, settings, shared,
                      threads) for c in todo}
     t0 = time.perf_counter()
@@ -145,7 +149,8 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
             finished(c.name, _worker(*args[c.name]))
     else:
         ctx = get_context("spawn")  # fork would share torch's thread pools and locks
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:  # no orphans after a kill
             futures: dict[Future, str] = {pool.submit(_worker, *args[c.name]): c.name
                                           for c in todo}
             while futures:

@@ -83,20 +83,30 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
 
 
 def match_losses(rows: list[dict[str, Any]]) -> float | None:
-    """Give each row with checkpoint curvature ``lambda_max_matched``: lambda_max at its first
-    checkpoint whose batch loss is at most L*, the lowest loss every such cell reaches.
+    """Give each row with checkpoint curvature ``lambda_max_matched``: lambda_max at the batch
+    loss L*, the lowest loss every such cell reaches, and ``matched_step``, the step there.
 
     Comparing curvature at equal training loss keeps memorisation (a near-zero loss flattens the
-    cross-entropy Hessian) from passing for a flatter minimum. Returns L* (None: no cells)."""
+    cross-entropy Hessian) from passing for a flatter minimum. Checkpoints are sparse, so lambda
+    and the step are interpolated linearly in log(loss) between the last checkpoint above L* and
+    the first at or below it (a checkpoint at exactly L* is read as is). Returns L* (None: no
+    cells)."""
     curves = [r["_checkpoints"] for r in rows if r.get("_checkpoints")]
     if not curves:
         return None
     target = max(min(p["loss"] for p in c) for c in curves)
     for r in rows:
         pts = r.get("_checkpoints")
-        if pts:
-            first = next(p for p in pts if p["loss"] <= target)
-            r["lambda_max_matched"], r["matched_step"] = first["lambda_max"], first["step"]
+        if not pts:
+            continue
+        i = next(j for j, p in enumerate(pts) if p["loss"] <= target)
+        hi, lo = (pts[i - 1], pts[i]) if i > 0 else (pts[i], pts[i])
+        if lo["loss"] == target or hi is lo or not (lo["loss"] > 0 and hi["loss"] > lo["loss"]):
+            r["lambda_max_matched"], r["matched_step"] = lo["lambda_max"], lo["step"]
+            continue
+        t = (math.log(hi["loss"]) - math.log(target)) / (math.log(hi["loss"]) - math.log(lo["loss"]))
+        r["lambda_max_matched"] = hi["lambda_max"] + t * (lo["lambda_max"] - hi["lambda_max"])
+        r["matched_step"] = hi["step"] + t * (lo["step"] - hi["step"])
     return target
 
 

@@ -17,10 +17,15 @@ A run folder::
     analysis.json, eval.json   results of ``vitsam analyze`` / ``vitsam eval``
     cell.json              study cells only: the marker of the stages done, written last
                            (``vitsam.study.stages``)
+    .vitsam-train.lock     held by the process training in the folder (``runlock``)
 
 A checkpoint folder is written under a temporary name and renamed into place, and
 ``latest.json`` is replaced only after that, so an interruption never leaves a damaged
-"latest" checkpoint and never removes one that was complete.
+"latest" checkpoint and never removes one that was complete. A write that fails (a full disk)
+removes its half-written folder and raises ``CheckpointWriteError`` (an ``OSError``) naming the
+checkpoint that is still the latest. A checkpoint damaged later (a truncated copy, a bad disk)
+fails its checksums; ``read_latest_good`` then falls back to the newest older one that reads
+back whole.
 
 Keeping only the newest N checkpoints (``keep``) deletes nothing but the run's own periodic
 checkpoints: folders named exactly ``step-NNNNNNNN`` whose ``state.json`` is a vitsam checkpoint
@@ -42,6 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import faults
 from ..data.record import RECORD_FILE, copy_data_record
 from ..io import atomic_write_json, read_json, sha256_file
 
@@ -57,6 +63,10 @@ def step_name(step: int) -> str:
 
 class CheckpointError(ValueError):
     """A run folder or checkpoint that cannot be used (missing, damaged, or mismatched)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, no permission); the previous one is intact."""
 
 
 # -- nested state <-> (JSON, flat tensors) -------------------------------------------------------
@@ -132,34 +142,46 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, model_spec
                     config: dict, step: int, epoch: int, optimizer: Any = None,
                     scheduler: Any = None, scaler: Any = None, extra: dict | None = None,
                     keep: int | None = None) -> Path:
-    """Atomically write checkpoint ``name`` into ``run_dir/checkpoints`` and point latest at it."""
+    """Atomically write checkpoint ``name`` into ``run_dir/checkpoints`` and point latest at it.
+
+    Raises ``CheckpointWriteError`` (one line) when the disk refuses a write; what was written
+    before stays as it was.
+    """
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_state_dict_cpu(model), str(tmp / "model.safetensors"))
-    state: dict[str, Any] = {"format": FORMAT, "name": name, "step": step, "epoch": epoch,
-                             "model_spec": model_spec, "config": config, "rng": rng_state(),
-                             "extra": extra or {}}
-    tensors: dict[str, torch.Tensor] = {}
-    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-        if obj is not None:
-            state[key], t = flatten_state(obj.state_dict(), key)
-            tensors.update(t)
-    if tensors:
-        save_file(tensors, str(tmp / "optim.safetensors"))
-    state["sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
-    atomic_write_json(tmp / "state.json", state)
     final = ckpt_root / name
-    if final.exists():  # same name again (e.g. after a resume): swap, then delete the old copy
-        old = ckpt_root / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    atomic_write_json(ckpt_root / "latest.json", {"name": name, "step": step, "epoch": epoch})
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(_state_dict_cpu(model), str(tmp / "model.safetensors"))
+        faults.point("ckpt_write")
+        state: dict[str, Any] = {"format": FORMAT, "name": name, "step": step, "epoch": epoch,
+                                 "model_spec": model_spec, "config": config, "rng": rng_state(),
+                                 "extra": extra or {}}
+        tensors: dict[str, torch.Tensor] = {}
+        for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if obj is not None:
+                state[key], t = flatten_state(obj.state_dict(), key)
+                tensors.update(t)
+        if tensors:
+            save_file(tensors, str(tmp / "optim.safetensors"))
+        state["sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+        atomic_write_json(tmp / "state.json", state)
+        if final.exists():  # same name again (e.g. after a resume): swap, then delete the old copy
+            old = ckpt_root / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        atomic_write_json(ckpt_root / "latest.json", {"name": name, "step": step, "epoch": epoch})
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written copy only takes space
+        err = CheckpointWriteError(f"cannot write checkpoint {name} in {ckpt_root} "
+                                   f"({_reason(exc)}); {_still_latest(ckpt_root)}")
+        err.errno = _errno(exc)
+        raise err from exc
     if keep:
         _prune_old(ckpt_root, keep, protect=name)
     # Half-written folders left by an interrupted earlier process hold a full copy of the
@@ -171,12 +193,43 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, model_spec
     return final
 
 
+def _reason(exc: BaseException) -> str:
+    """'No space left on device' rather than '[Errno 28] No space left on device: path'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The OS error number behind a failed write; safetensors only names it in its message."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    match = re.search(r"os error (\d+)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _still_latest(ckpt_root: Path) -> str:
+    """Which checkpoint a failed write left as the latest, for its message."""
+    try:
+        name = read_json(ckpt_root / "latest.json", "checkpoint pointer")["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no earlier checkpoint was changed"
+    return f"the previous checkpoint {name} is intact"
+
+
 def _prune_old(ckpt_root: Path, keep: int, protect: str) -> None:
-    """Delete all but the newest ``keep`` of the run's own step checkpoints (never ``protect``)."""
+    """Delete all but the newest ``keep`` of the run's own step checkpoints (never ``protect``).
+
+    Each is first renamed to a scratch name, so an interruption mid-delete never leaves a
+    half-deleted folder under a checkpoint's name (the next save removes the scratch folder).
+    """
     own = _own_step_checkpoints(ckpt_root)
     for _, old in own[: max(0, len(own) - keep)]:
         if old != protect:
-            shutil.rmtree(ckpt_root / old, ignore_errors=True)
+            doomed = ckpt_root / f".old-{old}-{os.getpid()}"
+            shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier process of this pid
+            os.replace(ckpt_root / old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _own_step_checkpoints(ckpt_root: Path) -> list[tuple[int, str]]:
@@ -313,6 +366,46 @@ def _get(d: Any, dotted: str) -> Any:
     for k in dotted.split("."):
         d = d.get(k) if isinstance(d, dict) else None
     return d
+
+
+def read_latest_good(run_dir: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor],
+                                                    dict[str, torch.Tensor], list[str]]:
+    """The newest checkpoint of a training run that reads back whole, for resuming it.
+
+    Tried in turn: the one ``latest.json`` names, then the run's other ``step-NNNNNNNN``
+    folders, newest first (also those whose state.json no longer parses). Returns (folder,
+    state, model tensors, optimiser tensors, problems): one line per newer checkpoint passed
+    over, naming it and what is wrong. Raises ``CheckpointError`` when none can be read.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    try:
+        pointed = read_json(root / "latest.json", "checkpoint pointer")["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pointed = None
+    folders = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    steps = sorted(((int(m.group(1)), n) for n in folders if (m := _STEP_NAME.fullmatch(n))),
+                   reverse=True)
+    # Only folders of checkpoints/ itself: a pointer such as "../x" names nothing.
+    order = [n for n in [pointed, *(name for _, name in steps)]
+             if isinstance(n, str) and n in folders]
+    problems: list[str] = []
+    for name in dict.fromkeys(order):  # unique, in order
+        if name not in list_checkpoints(run_dir):
+            problems.append(f"{root / name} has no state.json")
+            continue
+        try:
+            state, weights, opt = read_checkpoint(root / name)
+        except CheckpointError as exc:
+            problems.append(str(exc).split("; ")[0])
+            continue
+        return root / name, state, weights, opt, problems
+    if not problems:  # no step checkpoint at all: whatever "last" means for this folder
+        ckpt = resolve_checkpoint(run_dir, "last")
+        return (ckpt, *read_checkpoint(ckpt), problems)
+    raise CheckpointError(f"no checkpoint of {run_dir} can be read: {'; '.join(problems)}; "
+                          "restore one from a copy, or delete the checkpoints folder to train "
+                          "the run again from the start")
 
 
 @dataclass

@@ -8,7 +8,10 @@ logging, checkpoint writing or evaluation).
 """
 from __future__ import annotations
 
+import errno
+import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -18,8 +21,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .. import faults
 from ..config import ConfigError, RunConfig, TrainConfig, check_device, from_dict, to_dict, validate
 from ..data import DataBundle, build_data, eval_batches, steps_per_epoch, train_batches
 from ..data.record import save_data_record
@@ -27,13 +30,16 @@ from ..data.errors import DataError
 from ..data.sample import random_subset
 from ..exact import Rounding, scaled
 from ..eval.metrics import evaluate
-from ..io import append_jsonl, atomic_write_json, read_json, read_jsonl
+from ..io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from ..models import check_forward, count_params, create_model, make_spec
 from ..optim.factory import build_optimizer
 from ..optim.schedule import build_scheduler
 from ..optim.steps import StepConfig
 from ..optim.steps import train_step as optim_train_step
-from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint, resolve_checkpoint
+from ..progress import progress_bar
+from . import runlock, signals
+from .badsteps import BadSteps, step_counts
+from .checkpoint import CheckpointError, CheckpointWriteError, list_checkpoints, read_latest_good
 from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
 from .scalars import ScalarLog, check_tensorboard
 
@@ -93,12 +99,13 @@ def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch
     """One optimiser step (two passes with SAM) followed by one scheduler step.
 
     The result's ``lr`` is the learning rate this step used (first param group), read before
-    the scheduler moves on to the next step's. A step the GradScaler skipped still counts as a
-    step of the schedule, so torch's warning about a scheduler step without an optimiser step
-    (a skipped first step) is silenced.
+    the scheduler moves on to the next step's. A skipped step (GradScaler overflow, non-finite
+    loss or gradient) still counts as a step of the schedule, so torch's warning about a
+    scheduler step without an optimiser step (a skipped first step) is silenced.
     """
     lr = scheduler.get_last_lr()[0]
     out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg)
+    faults.point("step")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
                                 r"before `optimizer\.step\(\)`")
@@ -116,7 +123,9 @@ class _Meter:
 
     SAM's diagnostics are NaN on a step the GradScaler skipped (fp16 overflow); they are
     averaged over the steps where they are finite, so one skipped step does not blank the
-    interval. The loss is averaged over every step (a NaN loss must show).
+    interval. A step skipped for a non-finite loss or gradient (``nonfinite``) is counted
+    (``nonfinite_steps``) and its images count for images/s; its loss, accuracy and
+    diagnostics are left out (NaN when every step of the interval was one).
 
     ``state``/``load`` carry an unfinished interval through a checkpoint (JSON; floats round-trip
     exactly), so a resumed run logs the same records as an uninterrupted one.
@@ -147,6 +156,9 @@ class _Meter:
             self._since = None
 
     def add(self, out: dict[str, float]) -> None:
+        if out.get("nonfinite"):
+            out = {"skipped": out["skipped"], "nonfinite": 1.0, "n_bad": out["n"],
+                   **{k: out[k] for k in self.LAST if k in out}}
         for k, v in out.items():
             v = float(v)
             if k in self.LAST:
@@ -163,10 +175,12 @@ class _Meter:
     def flush(self) -> dict[str, float]:
         s = self.sums
         rec = {k: (v / self.counts[k] if self.counts[k] else float("nan"))
-               for k, v in s.items() if k not in ("correct", "n", "skipped")}
-        rec["acc"] = s.get("correct", 0.0) / max(s.get("n", 0.0), 1.0)
+               for k, v in s.items() if k not in ("correct", "n", "skipped", "nonfinite", "n_bad")}
+        rec.setdefault("loss", float("nan"))
+        rec["acc"] = s.get("correct", 0.0) / max(s["n"], 1.0) if "n" in s else float("nan")
         rec["skipped_steps"] = s.get("skipped", 0.0)
-        rec["images_per_s"] = s.get("n", 0.0) / max(self.seconds, 1e-9)
+        rec["nonfinite_steps"] = s.get("nonfinite", 0.0)
+        rec["images_per_s"] = (s.get("n", 0.0) + s.get("n_bad", 0.0)) / max(self.seconds, 1e-9)
         self._reset()
         return rec
 
@@ -183,13 +197,18 @@ class _Meter:
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
-    """``<out_dir>/<name>-<timestamp>``, made unique."""
+    """``<out_dir>/<name>-<timestamp>``, made unique and created (two runs started in the same
+    second each get their own)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.out_dir).expanduser() / f"{cfg.name}-{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
+    while True:
+        try:
+            path.mkdir()  # atomic: exactly one process creates a given name
+            return path
+        except FileExistsError:
+            path, i = Path(f"{base}-{i}"), i + 1
 
 
 @dataclass
@@ -243,46 +262,72 @@ class Trainer:
 
 def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
           resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train a run (or continue ``resume``, a run folder) and return its ``final.json`` record."""
+    """Train a run (or continue ``resume``, a run folder) and return its ``final.json`` record.
+
+    One process at a time trains in a run folder (``runlock``); SIGINT and SIGTERM stop the
+    loop after a checkpoint (``signals``).
+    """
     if resume is not None:
         run_dir = Path(resume)
-        cfg = _saved_config(run_dir)
+        cfg = _saved_config(run_dir)  # its refusals write nothing, not even a lock file
+        with runlock.hold(run_dir):
+            return _train(cfg, run_dir, resume, progress)
     if cfg is None:
         raise ValueError("train() needs a config or a run folder to resume")
+    validate(cfg)  # before any folder is made: a bad name could even point outside out_dir
+    if run_dir is None:
+        run_dir, made = new_run_dir(cfg), True
+    else:
+        run_dir, made = Path(run_dir), not Path(run_dir).exists()
+        runlock.raise_if_busy(run_dir)  # another process filling it: say which
+        _check_fresh(run_dir)  # before writing anything into the folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with runlock.hold(run_dir, remove_if_unused=made):
+        _check_fresh(run_dir)  # again, holding the folder: no other process writes there now
+        return _train(cfg, run_dir, None, progress)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: str | Path | None,
+           progress: bool) -> dict[str, Any]:
+    """``train`` in the folder it holds."""
     if resume is None and cfg.data.root:
         # The saved config must find the data from any working directory (eval, analyze).
         root = str(Path(cfg.data.root).expanduser().resolve())
         cfg = replace(cfg, data=replace(cfg.data, root=root))
-    if resume is None and run_dir is not None:
-        _check_fresh(Path(run_dir))  # before building the data, which can take a while
     if cfg.train.tensorboard:
         check_tensorboard()
     tr = Trainer.build(cfg)
     tl, cfg_dict = tr.timeline, to_dict(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume is None:  # first: a folder with config.json can always be resumed
+        atomic_write_json(run_dir / "config.json", cfg_dict)
     save_data_record(run_dir, tr.bundle)  # data.json: the mean/std and preprocessing eval feeds the model with
     metrics_path = run_dir / "metrics.jsonl"
     step, wall_before, meter = 0, 0.0, _Meter()
     if resume is not None:
         step, wall_before = _restore(run_dir, tr, metrics_path, meter)
-    else:
-        atomic_write_json(run_dir / "config.json", cfg_dict)
     tr.log = ScalarLog(run_dir, cfg.train.tensorboard, purge_step=step if resume else None)
     t0 = time.perf_counter() - wall_before
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
             not any(r.get("step") == step and "test_acc" in r for r in read_jsonl(metrics_path)):
         _evaluate_into(metrics_path, tr, step)  # interrupted between checkpoint and evaluation
-    bar = tqdm(total=tl.total_steps, initial=step, disable=not progress, unit="step",
-               desc=cfg.name, dynamic_ncols=True)
+    bar = progress_bar(total=tl.total_steps, initial=step, disable=not progress, unit="step",
+                       desc=cfg.name, dynamic_ncols=True)
     tr.model.train()
     try:
-        step = _loop(tr, run_dir, metrics_path, step, t0, meter, bar, cfg_dict)
+        with signals.graceful(run_dir):
+            step = _loop(tr, run_dir, metrics_path, step, t0, meter, bar, cfg_dict)
         bar.close()
         return _finish(run_dir, tr, step, time.perf_counter() - t0, metrics_path)
     except DataError as exc:  # e.g. an unreadable image met mid-epoch: say how to go on
         raise DataError(f"{str(exc).splitlines()[0]}; then `vitsam train --resume {run_dir}` "
                         "continues from the last checkpoint") from exc
+    except OSError as exc:  # a checkpoint not written, a full disk: say how to go on
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or isinstance(exc, CheckpointWriteError)):
+            raise
+        raise type(exc)(f"{str(exc).splitlines()[0]}; {'free some space, ' if full else ''}"
+                        f"then `vitsam train --resume {run_dir}` continues from the last "
+                        "checkpoint") from exc
     finally:
         tr.log.close()
 
@@ -291,17 +336,23 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
           bar: Any, cfg_dict: dict[str, Any]) -> int:
     """Optimiser steps from ``step`` to the end, with logging, checkpoints and evaluation."""
     cfg, tl = tr.cfg, tr.timeline
+    bad = BadSteps(cfg.train.max_bad_steps)
     meter.start()
     while step < tl.total_steps:
         epoch, skip = divmod(step, tl.steps_per_epoch)
         # Resuming mid-epoch skips the batches already seen (the epoch's order is seeded).
         for x, y in train_batches(tr.bundle, cfg.train.batch_size, epoch=epoch,
                                   seed=cfg.train.seed, device=tr.device, start_batch=skip):
-            meter.add(train_step(tr.model, tr.criterion, x, y, tr.optimizer, tr.scheduler,
-                                 tr.scaler, tr.step_cfg))
+            bad.before_step(tr, meter)
+            out = train_step(tr.model, tr.criterion, x, y, tr.optimizer, tr.scheduler, tr.scaler,
+                             tr.step_cfg)
+            meter.add(out)
             step += 1
             bar.update(1)
             meter.stop()  # what follows is not training time
+            if bad.after_step(out):
+                bar.close()  # its last line before the error's
+                raise bad.stop(tr, run_dir, step, meter, cfg_dict, time.perf_counter() - t0)
             if is_time(step, tl.log_every, tl.total_steps):
                 rec = {**meter.flush(), "step": step, "epoch": step / tl.steps_per_epoch}
                 tr.log.write(rec)
@@ -309,12 +360,13 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
                                 acc=f"{rec['acc']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
             # Checkpoint before evaluating: a failure or an interruption during evaluation
             # then costs no training (the resumed run evaluates that step again).
-            if is_time(step, tl.ckpt_every, tl.total_steps):
+            if is_time(step, tl.ckpt_every, tl.total_steps) or signals.requested():
                 save_checkpoint(run_dir, step_name(step), tr.model, tr.spec, cfg_dict, step,
                                 step // tl.steps_per_epoch, tr.optimizer, tr.scheduler,
                                 tr.scaler, keep=cfg.train.keep_checkpoints,
                                 extra={"wall_time_s": time.perf_counter() - t0,
                                        "meter": meter.state()})
+            signals.stop_if_requested(run_dir, step, step_name(step))
             if is_time(step, tl.eval_every, tl.total_steps):
                 _evaluate_into(metrics_path, tr, step)
             meter.start()
@@ -325,6 +377,7 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
 
 def _evaluate_into(metrics_path: Path, tr: Trainer, step: int) -> None:
     """Test loss and accuracy at ``step``, appended to the metrics log."""
+    faults.point("eval")
     ev = evaluate(tr.model, tr.test_batches(), tr.device)
     tr.log.write({"step": step, "epoch": step / tr.timeline.steps_per_epoch,
                   "test_loss": ev["nll"], "test_acc": ev["top1"]})
@@ -347,9 +400,8 @@ def _saved_config(run_dir: Path) -> RunConfig:
             raise CheckpointError(f"{str(exc).splitlines()[0]}; {run_dir} is not a vitsam run "
                                   "folder that can be resumed") from None
         # The checkpoint's state.json holds the same config.
-        source = resolve_checkpoint(run_dir, "last") / "state.json"
-        state, _, _ = read_checkpoint(source.parent)
-        saved = state["config"]
+        ckpt, state, _, _, _ = read_latest_good(run_dir)
+        source, saved = ckpt / "state.json", state["config"]
     try:
         return from_dict(RunConfig, saved)
     except ConfigError as exc:  # e.g. a hand-edited "epochs": "3"
@@ -360,7 +412,7 @@ def _check_fresh(run_dir: Path) -> None:
     """A new run never writes into a folder that already holds a run (or anything else)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} is a file; give a folder for the run")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != runlock.LOCK_FILE for p in run_dir.iterdir()):
         hint = (f"`vitsam train --resume {run_dir}` continues it, or choose"
                 if (run_dir / "config.json").exists() else "choose")
         raise CheckpointError(f"run folder {run_dir} is not empty; {hint} a new --run-dir")
@@ -371,11 +423,16 @@ def _restore(run_dir: Path, tr: Trainer, metrics_path: Path, meter: _Meter) -> t
     log interval it was in); returns (step, wall).
 
     A run interrupted before its first checkpoint starts again from step 0 (every draw is
-    seeded, so that is the same run).
+    seeded, so that is the same run). A damaged latest checkpoint is reported by name and the
+    newest older one that reads back whole is used: the run replays the steps between.
     """
     step, wall = 0, 0.0
-    if list_checkpoints(run_dir):
-        state, weights, opt_tensors = read_checkpoint(resolve_checkpoint(run_dir, "last"))
+    ckpts = run_dir / "checkpoints"
+    if any(p.is_dir() and not p.name.startswith(".") for p in ckpts.glob("*")):
+        ckpt, state, weights, opt_tensors, problems = read_latest_good(run_dir)
+        if problems:
+            print(f"vitsam: warning: {'; '.join(problems)}; resuming from {ckpt.name} instead",
+                  file=sys.stderr)
         tr.model.load_state_dict(weights)
         tr.optimizer.load_state_dict(unflatten_state(state["optimizer"], opt_tensors))
         tr.scheduler.load_state_dict(unflatten_state(state["scheduler"], opt_tensors))
@@ -391,10 +448,11 @@ def _restore(run_dir: Path, tr: Trainer, metrics_path: Path, meter: _Meter) -> t
         k = 0
         while (aside := run_dir / f"metrics.pre-resume-{k}.jsonl").exists():
             k += 1
-        metrics_path.rename(aside)
-        for rec in records:
-            if rec.get("step", 0) <= step:
-                append_jsonl(metrics_path, rec)
+        # A copy aside, then the log replaced whole: a kill at any moment loses no record.
+        atomic_write_bytes(aside, metrics_path.read_bytes())
+        faults.point("restore")
+        atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in records
+                                                 if r.get("step", 0) <= step).encode())
     return step, wall
 
 
@@ -402,16 +460,18 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
             metrics_path: Path) -> dict[str, Any]:
     """Final test and clean train accuracy, throughput, and ``final.json``."""
     cfg = tr.cfg
+    faults.point("finish")
     test = evaluate(tr.model, tr.test_batches(), tr.device)
     sub = random_subset(tr.bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
     train_acc = evaluate(tr.model, tr.test_batches(sub), tr.device)
+    records = list(read_jsonl(metrics_path))
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
              "params": count_params(tr.model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
              "steps": step, "epochs": step / tr.timeline.steps_per_epoch,
              "test_acc": test["top1"], "test_top5": test["top5"], "test_loss": test["nll"],
              "test_ece": test["ece"], "train_acc": train_acc["top1"],
              "wall_time_s": wall,
-             "train_images_per_s": overall_rate(list(read_jsonl(metrics_path))),
+             "train_images_per_s": overall_rate(records), **step_counts(records),
              "device": str(tr.device)}
     atomic_write_json(run_dir / "final.json", final)
     return final

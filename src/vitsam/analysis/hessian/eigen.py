@@ -17,9 +17,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitsam.analysis.state import analysis_state
+from vitsam.progress import progress_bar
 
 from .lanczos import _tridiag, lanczos
 from .operator import Batch, HessianOperator, LossFn, _quiet
@@ -111,7 +111,7 @@ def _power_top(op: HessianOperator, k: int, tol: float, max_iter: int,
             w = w - (u @ w) * u
         return w
 
-    bar = tqdm(total=k * max_iter, desc="hessian power", disable=_quiet(progress), leave=False)
+    bar = progress_bar(total=k * max_iter, desc="hessian power", disable=_quiet(progress), leave=False)
     for _ in range(k):
         v = deflate(make_start())
         v = v / v.norm()

@@ -13,9 +13,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitsam.analysis.state import analysis_state
+from vitsam.progress import progress_bar
 
 from .operator import Batch, HessianOperator, LossFn, _quiet
 
@@ -56,7 +56,7 @@ def trace(
     samples: list[float] = []
     with analysis_state(model, train_mode):
         op = HessianOperator(model, loss_fn, batches, backend, cache_graph)
-        for i in tqdm(range(probes), desc="hessian trace", disable=_quiet(progress), leave=False):
+        for i in progress_bar(range(probes), desc="hessian trace", disable=_quiet(progress), leave=False):
             z = op.random_vector(gen, "rademacher")
             samples.append(float(z @ op.matvec(z)))
             if rel_tol is not None and i + 1 >= max(min_probes, 2):

@@ -5,7 +5,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from vitsam.progress import progress_bar
 
 from .operator import _quiet
 
@@ -44,7 +45,7 @@ def lanczos(
     alpha: list[float] = []
     beta: list[float] = []
     m = 0
-    bar = tqdm(total=steps, desc=desc, disable=_quiet(progress), leave=False)
+    bar = progress_bar(total=steps, desc=desc, disable=_quiet(progress), leave=False)
     for j in range(steps):
         basis[j] = q.to(dev)
         w = matvec(q).to(dev)
