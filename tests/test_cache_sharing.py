@@ -78,9 +78,9 @@ def _build_data(i: int, root: str, cache_dir: str, tmp: str, barrier) -> None:
     from vitsam.data import DataConfig, build
 
     tmp_path = Path(tmp)
-    decode = build._decode_listing
+    scan_listing = build._scan_listing
 
-    def decode_slowly(*args, **kwargs):
+    def scan_slowly(*args, **kwargs):
         # Recorded, and held until the other process has seen the entry missing and waits for
         # it, so that both really meet on a cold cache (at most 30 s: without a lock nobody waits).
         with open(tmp_path / "builds.txt", "a") as fh:
@@ -89,9 +89,9 @@ def _build_data(i: int, root: str, cache_dir: str, tmp: str, barrier) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not (other.exists() and WAITING in other.read_text()):
             time.sleep(0.05)
-        return decode(*args, **kwargs)
+        return scan_listing(*args, **kwargs)
 
-    build._decode_listing = decode_slowly
+    build._scan_listing = scan_slowly
     with open(tmp_path / f"err{i}.txt", "w", buffering=1) as err, contextlib.redirect_stderr(err):
         barrier.wait(TIMEOUT_S)  # both start on the cold cache together
         bundle = build.build_data(DataConfig(source="imagefolder", root=root, cache_dir=cache_dir))
@@ -122,8 +122,8 @@ def test_two_processes_on_a_cold_cache_build_it_once_and_load_the_same_entry(tmp
     # The entry is complete, with no temporary file left beside it, and holds the images as an
     # independent decode of the PNGs gives them.
     entries = sorted(p.name for p in (cache_dir / "tensors").iterdir())
-    assert len(entries) == 2 and entries[0].startswith(".") and entries[0].endswith(".pt.lock")
-    entry = torch.load(cache_dir / "tensors" / entries[1], weights_only=True)
+    assert len(entries) == 2 and entries[0].startswith(".") and entries[0].endswith(".safetensors.lock")
+    entry = cache.read_entry(cache_dir / "tensors" / entries[1])
 
     def pngs(split: str):
         files = [(lab, f) for lab, c in enumerate("ab") for f in sorted((root / split / c).iterdir())]
@@ -153,7 +153,7 @@ def test_a_build_killed_mid_write_leaves_nothing_the_next_build_keeps(tmp_path):
     path.parent.mkdir(parents=True)
     stale = path.with_name(f".{path.name}.{vio._HOST}-{dead}-0123abcd.tmp")
     live = path.with_name(f".{path.name}.{vio._HOST}-{os.getpid()}-0123abcd.tmp")
-    other = path.with_name(f".other.pt.{vio._HOST}-{dead}-0123abcd.tmp")  # another entry's
+    other = path.with_name(f".other.safetensors.{vio._HOST}-{dead}-0123abcd.tmp")  # another entry's
     for p in (stale, live, other):
         p.write_bytes(b"half an entry")
     cache.load_or_build(tmp_path, "t", "k" * 24, lambda: {"x": torch.arange(3)})

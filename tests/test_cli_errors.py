@@ -103,11 +103,13 @@ def _digest(folder: str) -> str:
 CASES = [
     # data
     ("if-corrupt-jpeg", [*SMOKE, "data.source=imagefolder", "data.root={if_corrupt}", *SMALL],
-     ["cannot decode", "bad.jpg", "remove or replace the file"]),
+     ["cannot decode 1 of 13 image files", "train/a/bad.jpg", "remove or replace the files",
+      "data.bad_files=skip"]),
     ("if-truncated-jpeg", [*SMOKE, "data.source=imagefolder", "data.root={if_trunc}", *SMALL],
-     ["cannot decode", "t.jpg", "remove or replace the file"]),
+     ["cannot decode 1 of 13 image files", "train/b/t.jpg", "remove or replace the files"]),
     ("if-empty-class", [*SMOKE, "data.source=imagefolder", "data.root={if_empty}", *SMALL],
-     ["class folder", "has no images", "add images or remove the folder"]),
+     ["2 class folders have no images", "if_empty/train/c, ", "if_empty/val/c",
+      "add images or remove those classes from both splits"]),
     ("if-missing-root", [*SMOKE, "data.source=imagefolder", "data.root={tmp}/nowhere"],
      ["does not exist", "set root"]),
     ("cifar-missing-file", [*SMOKE, "data.source=cifar10", "data.root={c10_missing}"],
@@ -269,3 +271,64 @@ def test_resume_with_a_hand_edited_config_of_the_wrong_type_exits_2(world, value
     assert err.startswith("vitsam: error: ") and err.count("\n") == 1, err
     for w in words:
         assert w in err, (w, err)
+
+
+# Every entry point refuses impossible settings before any work: exit 2, one line naming the
+# valid choices or range, and no output folder created ({out} must still not exist).
+SETTINGS = [
+    ("train-precision", [*SMOKE, "--run-dir", "{out}", "train.precision=fp8"],
+     ["train.precision must be one of auto, fp32, bf16, fp16"]),
+    ("train-bad-files", [*SMOKE, "--run-dir", "{out}", "data.bad_files=ignore"],
+     ["bad_files must be one of error, skip"]),
+    ("train-val-split-path", [*SMOKE, "--run-dir", "{out}", "data.val_split=../x"],
+     ["val_split '../x' must be the name of one folder inside the data root"]),
+    ("train-name-escapes", [*SMOKE, "out_dir={out}", "name=../escaped"],
+     ["name '../escaped' must be a plain name"]),
+    ("train-unknown-option", [*SMOKE, "--run-dir", "{out}", "--epochs", "3"],
+     ["unrecognized arguments: --epochs", "see `vitsam --help`"]),
+    ("demo-lr", ["demo", "--out", "{out}", "--smoke", "--quiet", "optim.lr=-1"], ["optim.lr must be > 0"]),
+    ("demo-workers", ["demo", "--out", "{out}", "--smoke", "--workers", "0"],
+     ["--workers must be a positive integer"]),
+    ("study-lr", ["study", "main", "--out", "{out}", "--quiet", "optim.lr=-1"], ["optim.lr must be > 0"]),
+    ("study-scale", ["study", "main", "--out", "{out}", "--scale", "huge"],
+     ["invalid choice: 'huge' (choose from 'smoke', 'cpu', 'gpu', 'paper')"]),
+    ("study-name", ["study", "nosuch", "--out", "{out}"], ["unknown study 'nosuch'; choose from main"]),
+    ("study-seeds", ["study", "main", "--out", "{out}", "--seeds", "0,0"], ["--seeds must list distinct"]),
+    ("eval-batch", ["eval", "{run}", "--quiet", "--batch-size", "0", "--out", "{out}"],
+     ["batch_size must be a positive integer"]),
+    ("eval-checkpoint", ["eval", "{run}", "--quiet", "--checkpoint", "nosuch", "--out", "{out}"],
+     ["checkpoint 'nosuch' not found", "available: step-"]),
+    ("eval-foreign-file", ["eval", "{notadir}", "--quiet", "--out", "{out}"],
+     ["is a file, not a run folder", "never unpickles a .pt/.pth"]),
+    ("analyze-batches", ["analyze", "{run}", "--hessian", "--batches", "0", "--out", "{out}"],
+     ["--batches and --batch-size must be positive"]),
+    ("analyze-landscape", ["analyze", "{run}", "--landscape", "--quiet", "--set", "landscape.steps=1",
+                           "--out", "{out}"], ["landscape.steps=1", "an integer >= 2"]),
+    ("prune-ratio", ["prune", "{run}", "--out", "{out}", "--ratio", "1.5"], ["ratio must be in [0, 1]"]),
+    ("prune-calib", ["prune", "{run}", "--out", "{out}", "--calib", "0"],
+     ["calib must be a positive number"]),
+    ("corrupt-params", ["corrupt", "--out", "{out}", "--params", "foo"],
+     ["invalid choice: 'foo' (choose from 'imagenet-c', 'cifar-c')"]),
+    ("corrupt-severities", ["corrupt", "--out", "{out}", "--severities", "0,9"], ["1..5"]),
+    ("corrupt-workers", ["corrupt", "--out", "{out}", "--workers", "-2"],
+     ["workers must be a non-negative integer"]),
+    ("report-missing", ["report", "{tmp}/nowhere", "--out", "{out}"], ["is not a folder"]),
+    ("report-out-is-file", ["report", "{run}", "--out", "{notadir}"], ["is a file; give a folder"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", [(a, w) for _, a, w in SETTINGS], ids=[c[0] for c in SETTINGS])
+def test_impossible_settings_exit_2_before_any_work(world, argv, words, capsys, monkeypatch,
+                                                    tmp_path) -> None:
+    monkeypatch.setenv("VITSAM_CACHE", str(Path(world["tmp"]) / "cache"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    before = _digest(world["run"])
+    capsys.readouterr()
+    assert main([a.format(out=out, **world) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitsam: error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    assert _digest(world["run"]) == before

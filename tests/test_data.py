@@ -355,8 +355,8 @@ def test_corrupt_jpeg_names_the_file_in_one_line(tmp_path):
     with pytest.raises(DataError) as info:
         build_data(DataConfig(source="imagefolder", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "c")))
     msg = str(info.value)
-    assert str(bad) in msg and "remove or replace" in msg and "\n" not in msg
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert f"in {tmp_path / 'data'}: train/b/broken.jpg" in msg and "remove or replace" in msg
+    assert "\n" not in msg and info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def test_folder_layout_errors(tmp_path):
@@ -372,7 +372,7 @@ def test_folder_layout_errors(tmp_path):
     _make_folder(tmp_path / "empty", {"a": (1, 1), "b": (1, 1)})
     (tmp_path / "empty" / "train" / "c").mkdir()
     (tmp_path / "empty" / "val" / "c").mkdir()
-    with pytest.raises(DataError, match="has no images"):
+    with pytest.raises(DataError, match="2 class folders have no images .*empty/train/c, .*empty/val/c"):
         build_data(cfg(tmp_path / "empty"))
     with pytest.raises(DataError, match="no 'test' folder"):
         build_data(cfg(tmp_path / "empty", val_split="test"))

@@ -1,6 +1,7 @@
 """Studies at smoke scale: every table cell and figure filled, reuse, failures, aggregation."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 import math
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vitsam.cli import main
+from vitsam.config import to_dict
 from vitsam.study import stages, tables
 from vitsam.study.presets import STUDIES, get_study, study_cells
 from vitsam.study.runner import StudyFailed, run_study
@@ -253,4 +255,9 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     fp = stages.fingerprint(cfg)
     same = replace(cfg, train=replace(cfg.train, threads=7, max_bad_steps=3))
     assert stages.fingerprint(same) == fp
+    assert stages.fingerprint(replace(cfg, data=replace(cfg.data, bad_files="skip"))) == fp
+    # A folder made before train.max_bad_steps and data.bad_files existed: its config had neither.
+    old = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
+    del old["train"]["max_bad_steps"], old["data"]["bad_files"]
+    assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp

@@ -507,8 +507,10 @@ def test_pruning_interrupted_mid_delete_leaves_no_half_checkpoint(tmp_path, monk
     from vitsam.train import checkpoint as ck
 
     model = torch.nn.Linear(3, 2)
+    # A spec of the shape read_checkpoint checks (the model itself is never built here).
+    spec = {"name": "linear", "num_classes": 2, "img_size": 1, "in_chans": 3, "kwargs": {}}
     for step in (1, 2):
-        ck.save_checkpoint(tmp_path, ck.step_name(step), model, {}, {}, step, 0, keep=2)
+        ck.save_checkpoint(tmp_path, ck.step_name(step), model, spec, {}, step, 0, keep=2)
     real_rmtree = ck.shutil.rmtree
 
     def killed_mid_delete(path, *args, **kwargs):
@@ -519,13 +521,13 @@ def test_pruning_interrupted_mid_delete_leaves_no_half_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(ck.shutil, "rmtree", killed_mid_delete)
     with pytest.raises(KeyboardInterrupt):
-        ck.save_checkpoint(tmp_path, ck.step_name(3), model, {}, {}, 3, 0, keep=2)
+        ck.save_checkpoint(tmp_path, ck.step_name(3), model, spec, {}, 3, 0, keep=2)
     monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
     for name in ck.list_checkpoints(tmp_path):
         ck.read_checkpoint(tmp_path / "checkpoints" / name)  # whole, or not there
     assert ck.list_checkpoints(tmp_path) == ["step-00000002", "step-00000003"]
     monkeypatch.setattr(ck.os, "getpid", lambda: 1)  # the next process
-    ck.save_checkpoint(tmp_path, ck.step_name(4), model, {}, {}, 4, 0, keep=2)
+    ck.save_checkpoint(tmp_path, ck.step_name(4), model, spec, {}, 4, 0, keep=2)
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
         ["latest.json", "step-00000003", "step-00000004"]

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,8 +97,17 @@ def _cmd_demo(args: argparse.Namespace) -> None:
           f"  vitsam report {out}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors (unknown option, invalid choice, missing argument) as the one
+    ``vitsam: error:`` line every other error prints, exit status 2; ``-h`` still shows usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(2, f"vitsam: error: {message.strip().splitlines()[0]}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitsam", description=__doc__)
+    p = _Parser(prog="vitsam", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -148,13 +158,16 @@ def error_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # argparse stops filling a positional list at the first option: `train a=1 --smoke b=2`
-    # leaves b=2 over. Overrides may sit anywhere on the line, so gather them here.
-    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:  # usage errors and --help exit inside argparse; return their status instead
+        args, extra = parser.parse_known_args(argv)
+        # argparse stops filling a positional list at the first option: `train a=1 --smoke b=2`
+        # leaves b=2 over. Overrides may sit anywhere on the line, so gather them here.
+        if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
     debug = args.debug or os.environ.get("VITSAM_DEBUG") == "1"
     try:
         from .progress import line_interval

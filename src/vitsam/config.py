@@ -374,6 +374,9 @@ def validate(cfg: RunConfig) -> None:
          f"optim.m={cfg.optim.m} (m-sharpness) needs SAM; set optim.sam=true or optim.m=none"),
         (cfg.optim.sam or cfg.optim.rho >= 0, f"optim.rho must be >= 0, got {cfg.optim.rho}"),
         (t.decay in DECAYS, f"train.decay must be one of {', '.join(DECAYS)}, got {t.decay!r}"),
+        # the name starts the run folder's name inside out_dir: it must not lead out of it
+        ("/" not in cfg.name and "\\" not in cfg.name and cfg.name not in (".", ".."),
+         f"name {cfg.name!r} must be a plain name (no / or ..): it names the run folder in out_dir"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -132,19 +132,42 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2) + "\n").encode())
 
 
+class DamagedFileError(ValueError):
+    """A file vitsam wrote (or reads from others) that does not hold what it should; the
+    message names the file and the fix."""
+
+
 def read_json(path: str | Path, what: str = "file",
               fix: str = "restore it or re-create the run") -> Any:
-    """Read JSON with a one-line error naming the file (and ``fix``) when it is missing or damaged."""
+    """Read JSON with a one-line error naming the file (and ``fix``) when it is missing or damaged
+    (``DamagedFileError``: not UTF-8, not JSON, nested too deeply, integers too long)."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
-        raise ValueError(f"{what} {path} is a folder; give the path of the JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what} {path} is damaged ({exc.__class__.__name__}: {exc}); "
-                         f"{fix}") from None
+        raise DamagedFileError(f"{what} {path} is a folder; give the path of the JSON file") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int limits
+        text = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DamagedFileError(f"{what} {path} is damaged ({exc.__class__.__name__}: {text}); "
+                               f"{fix}") from None
+
+
+def inside(folder: str | Path, relative: Any, what: str) -> Path:
+    """``folder / relative`` if that path stays inside ``folder`` (no ``..`` escape, no absolute
+    path, no link out), else a one-line ``DamagedFileError`` naming ``what`` (the file that gave
+    ``relative``)."""
+    folder = Path(folder)
+    if not isinstance(relative, str) or not relative or "\0" in relative:
+        raise DamagedFileError(f"{what} names the file {relative!r}, which is not a relative path; "
+                               "the file is damaged: build it again")
+    path = folder / relative
+    base = os.path.realpath(folder)
+    if Path(relative).is_absolute() or os.path.commonpath([base, os.path.realpath(path)]) != base:
+        raise DamagedFileError(f"{what} names {relative!r}, which lies outside {folder}; the file "
+                               "is damaged or not vitsam's: build it again")
+    return path
 
 
 @contextmanager

@@ -11,6 +11,10 @@ folders use the standard ImageNet constants (their channel average for grey imag
 over every file would cost as much as an epoch. A run records the statistics it trained with in
 its folder (``vitsam.data.record``), so evaluation never recomputes them from other data.
 
+Folder sources are checked file by file before training (``vitsam.data.scan``): every unreadable
+file is named at once, or left out and recorded with ``bad_files=skip``; the outcome is part of
+the folder's cache entry.
+
 Test images carry ids (``ImageTensors.ids`` / ``ImageFiles.ids``): paths relative to the test
 folder for folder sources, the index in the source's own order otherwise (for MNIST-5k and digits
 the index into the whole embedded set). Evaluation preprocessing: ``crop_pct`` 1.0 for sources
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import cache, decode, sources
+from . import cache, decode, scan, sources
 from .config import DataConfig, resolve_cache_dir
 from .errors import DataError
 from .preprocess import EVAL_CROP_FRACTION, IN_MEMORY_CROP_FRACTION
@@ -57,49 +61,117 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(means), tuple(stds)
 
 
-def _probe_listing(listing: sources.FolderListing) -> tuple[str, tuple[int, int], bool]:
-    """Header-only look at the first training image of every class.
+def _scan_listing(listing: sources.FolderListing, progress: bool | None) -> dict:
+    """Check every file of a folder listing and, for small images, decode it (the cache entry).
 
-    Returns (mode: RGB if any is colour, else L; (H, W) of the first image; small: whether every
-    probed side is at most ``SMALL_MAX_SIDE``).
+    Returns ``{"classes", "mode", "size": [H, W], "lazy": bool, "bad_files": [[path relative to
+    the root, reason], ...]}`` and, when not lazy, the decoded good images with their labels
+    and test ids (sizes forced to ``size``). See ``vitsam.data.scan``.
     """
-    firsts: dict[int, str] = {}
-    for path, label in zip(listing.train_files, listing.train_labels):
-        firsts.setdefault(label, path)
-    probes = [decode.probe_image(p) for p in firsts.values()]
-    mode = "RGB" if any(m == "RGB" for m, _ in probes) else "L"
-    small = max(max(hw) for _, hw in probes) <= SMALL_MAX_SIDE
-    return mode, decode.probe_image(listing.train_files[0])[1], small
-
-
-def _decode_listing(listing: sources.FolderListing, mode: str, size: tuple[int, int],
-                    progress: bool | None) -> dict:
-    """Decode every image of a small-image listing into the cache layout (sizes forced to ``size``)."""
-    out: dict = {"classes": list(listing.classes)}
-    for split, files, labels in (("train", listing.train_files, listing.train_labels),
-                                 ("test", listing.test_files, listing.test_labels)):
-        arr = decode.decode_images(files, mode, size, progress=progress,
-                                   desc=f"decode {split}")
-        out[f"{split}_images"] = torch.from_numpy(arr)
-        out[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
-    out["test_ids"] = list(listing.test_ids)
+    files = [*listing.train_files, *listing.test_files]
+    n_train = len(listing.train_files)
+    heads, bad = scan.probe_all(files, progress)
+    if all(i in bad for i in range(n_train)):
+        shown = ", ".join(f"{scan.relative(files[i], listing.root)} ({bad[i]})"
+                          for i in range(min(scan.SHOWN, n_train)))
+        raise DataError(f"none of the {n_train} training images in {listing.root} can be read "
+                        f"({shown}); check that data.root is the right folder")
+    mode, size = scan.folder_shape(heads[:n_train])
+    lazy = max(size) > SMALL_MAX_SIDE
+    good = [i for i in range(len(files)) if i not in bad]
+    out: dict = {"classes": list(listing.classes), "mode": mode, "size": list(size), "lazy": lazy}
+    if lazy:
+        found = scan.verify_all([files[i] for i in good], mode, progress)
+        bad.update({good[j]: why for j, why in found.items()})
+    else:
+        errors: dict[int, DataError] = {}
+        arr = decode.decode_images([files[i] for i in good], mode, size, progress=progress,
+                                   desc="decode", errors=errors)
+        bad.update({good[j]: getattr(err, "reason", str(err)) for j, err in errors.items()})
+        keep = [j for j, i in enumerate(good) if i not in bad]
+        idx = [good[j] for j in keep]
+        arr = torch.from_numpy(arr[keep])
+        labels = [*listing.train_labels, *listing.test_labels]
+        split = sum(1 for i in idx if i < n_train)
+        out.update(train_images=arr[:split], test_images=arr[split:],
+                   train_labels=torch.tensor([labels[i] for i in idx[:split]], dtype=torch.int64),
+                   test_labels=torch.tensor([labels[i] for i in idx[split:]], dtype=torch.int64),
+                   test_ids=[listing.test_ids[i - n_train] for i in idx[split:]])
+    out["bad_files"] = [[scan.relative(files[i], listing.root), bad[i]] for i in sorted(bad)]
     return out
 
 
-def _folder_data(listing: sources.FolderListing, cache_dir: Path, name: str, workers: int,
-                 progress: bool | None) -> dict:
-    """Cached tensors of a small-image folder, or ``{"lazy": (train, test, mode, size)}`` for large images."""
-    mode, size, small = _probe_listing(listing)
-    if not small:
-        def files(f: list[str], y: list[int], ids: list[str] | None = None) -> ImageFiles:
-            return ImageFiles(list(f), torch.tensor(y, dtype=torch.int64), mode, workers, ids)
+def _check_entry(data: dict) -> None:
+    """Raise unless ``data`` has the shape ``_scan_listing`` (or a tensor source) gives; a
+    cache entry that fails is rebuilt."""
+    if not isinstance(data.get("classes"), list) or not all(isinstance(c, str) for c in data["classes"]):
+        raise ValueError("classes is not a list of names")
+    if data.get("lazy"):
+        size, mode = data.get("size"), data.get("mode")
+        if mode not in ("L", "RGB") or not (isinstance(size, list) and len(size) == 2
+                                            and all(isinstance(v, int) and v > 0 for v in size)):
+            raise ValueError("mode or size is missing")
+    else:
+        for split in ("train", "test"):
+            x, y = data.get(f"{split}_images"), data.get(f"{split}_labels")
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == torch.uint8
+                    and x.ndim == 4 and y.dtype == torch.int64 and y.shape == x.shape[:1]):
+                raise ValueError(f"{split} images or labels are missing or of the wrong shape")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(data["classes"])):
+                raise ValueError(f"{split} labels outside the classes")
+        ids = data.get("test_ids")
+        if ids is not None and (not isinstance(ids, list) or len(ids) != data["test_labels"].numel()):
+            raise ValueError("test_ids do not match the test images")
+    bad = data.get("bad_files", [])
+    pairs = all(isinstance(b, list) and len(b) == 2 and all(isinstance(v, str) for v in b) for b in bad) \
+        if isinstance(bad, list) else False
+    if not pairs:
+        raise ValueError("bad_files is not a list of [path, reason] pairs")
 
-        return {"classes": list(listing.classes),
-                "lazy": (files(listing.train_files, listing.train_labels),
-                         files(listing.test_files, listing.test_labels, listing.test_ids), mode, size)}
+
+def _apply_bad_files(data: dict, listing: sources.FolderListing, cache_dir: Path, name: str,
+                     key: str, policy: str, workers: int) -> dict:
+    """Enforce ``data.bad_files`` on a scanned folder (its entry ``data``); large images get
+    their file lists (``data["lazy"] = (train, test, mode, size)``, ``workers`` decoding)."""
+    bad = [tuple(b) for b in data.get("bad_files", [])]
+    total = len(listing.train_files) + len(listing.test_files)
+    scan.enforce(bad, total, listing.root, policy, cache_dir / "bad-files" / f"{name}-{key[:16]}.txt")
+    data = {**data, "skipped": bad}
+    if data.get("lazy"):
+        skip = {p for p, _ in bad}
+
+        def files(f: list[str], y: list[int], ids: list[str] | None = None) -> ImageFiles:
+            keep = [i for i, p in enumerate(f) if not skip or scan.relative(p, listing.root) not in skip]
+            return ImageFiles([f[i] for i in keep], torch.tensor([y[i] for i in keep], dtype=torch.int64),
+                              data["mode"], workers, None if ids is None else [ids[i] for i in keep])
+
+        data["lazy"] = (files(listing.train_files, listing.train_labels),
+                        files(listing.test_files, listing.test_labels, listing.test_ids),
+                        data["mode"], tuple(data["size"]))
+        splits = [(s, data["lazy"][i].labels) for i, s in enumerate(("train", "test"))]
+    else:
+        data.pop("lazy", None)
+        splits = [(s, data[f"{s}_labels"]) for s in ("train", "test")]
+    for split, labels in splits:
+        have = set(labels.tolist())
+        empty = [c for i, c in enumerate(listing.classes) if i not in have]
+        if empty:
+            raise DataError(f"class(es) {', '.join(empty[:5])} have no readable images left in the "
+                            f"{split} split of {listing.root} after leaving out {len(bad)} bad files; "
+                            "replace the bad files")
+    return data
+
+
+def _folder_data(listing: sources.FolderListing, cache_dir: Path, name: str, cfg: DataConfig,
+                 progress: bool | None) -> dict:
+    """Cached tensors of a small-image folder, or ``{"lazy": (train, test, mode, size)}`` for
+    large images, with the bad files handled as ``cfg.bad_files`` says."""
+    scan.warn_ignored(listing.ignored, listing.root)
     key = cache.listing_digest(listing.root, [*listing.train_files, *listing.test_files],
-                               extra=f"{mode}|{size}|{listing.classes}")
-    return cache.load_or_build(cache_dir, name, key, lambda: _decode_listing(listing, mode, size, progress))
+                               extra=f"{listing.classes}")
+    data = cache.load_or_build(cache_dir, name, key, lambda: _scan_listing(listing, progress),
+                               check=_check_entry)
+    return _apply_bad_files(data, listing, cache_dir, name, key, cfg.bad_files, cfg.workers)
 
 
 def _embedded(source: str, cache_dir: Path) -> dict:
@@ -118,7 +190,8 @@ def _embedded(source: str, cache_dir: Path) -> dict:
     if csv is None:
         return build()
     key = cache.file_digest([csv]) + f"|split{SPLIT_SEED}"
-    return cache.load_or_build(cache_dir, "mnist5k", hashlib.sha256(key.encode()).hexdigest(), build)
+    return cache.load_or_build(cache_dir, "mnist5k", hashlib.sha256(key.encode()).hexdigest(), build,
+                               check=_check_entry)
 
 
 def build_data(cfg: DataConfig, progress: bool | None = None) -> DataBundle:
@@ -140,27 +213,32 @@ def build_data(cfg: DataConfig, progress: bool | None = None) -> DataBundle:
         files = sources.cifar_pickle_files(cfg.root, cfg.source)
         key = cache.file_digest([*files["train"], *files["test"], *files["meta"]])
         data = cache.load_or_build(cache_dir, f"{cfg.source}-pickle", key,
-                                   lambda: sources.read_cifar_pickles(files, cfg.source))
+                                   lambda: sources.read_cifar_pickles(files, cfg.source), check=_check_entry)
         origin = f"{cfg.source} pickles in {files['meta'][0].parent}"
     elif cfg.source == "cifar10-shared":
         found = sources.find_shared_cifar10(cfg.root)
         origin = f"CIFAR-10 JPEG from {found}"
         if found.is_file():
             key = cache.file_digest([found])
+            folder = cache_dir / f"cifar10-jpeg-{key[:12]}"
 
-            def build() -> dict:
-                folder = sources.unpack_tarball(found, cache_dir / f"cifar10-jpeg-{key[:12]}", progress)
-                listing = sources.scan_imagefolder(sources.imagefolder_root(folder), "test")
-                mode, size, _ = _probe_listing(listing)
-                return _decode_listing(listing, mode, size, progress)
+            def listing_of() -> sources.FolderListing:
+                return sources.scan_imagefolder(sources.imagefolder_root(
+                    sources.unpack_tarball(found, folder, progress)), "test")
 
-            data = cache.load_or_build(cache_dir, "cifar10-jpeg", key, build)
+            data = cache.load_or_build(cache_dir, "cifar10-jpeg", key,
+                                       lambda: _scan_listing(listing_of(), progress), check=_check_entry)
+            if data.get("bad_files") or data.get("lazy"):  # the file lists are needed after all
+                data = _apply_bad_files(data, listing_of(), cache_dir, "cifar10-jpeg", key,
+                                        cfg.bad_files, cfg.workers)
+            else:  # every file decoded into the entry: the unpacked folder is not even listed
+                data = {k: v for k, v in data.items() if k != "lazy"}
         else:
             listing = sources.scan_imagefolder(sources.imagefolder_root(found), "test")
-            data = _folder_data(listing, cache_dir, "cifar10-jpeg-folder", cfg.workers, progress)
+            data = _folder_data(listing, cache_dir, "cifar10-jpeg-folder", cfg, progress)
     else:  # imagefolder
         listing = sources.scan_imagefolder(cfg.root, cfg.val_split)
-        data = _folder_data(listing, cache_dir, "imagefolder", cfg.workers, progress)
+        data = _folder_data(listing, cache_dir, "imagefolder", cfg, progress)
         origin = f"ImageFolder {listing.root} (train/{cfg.val_split})"
     return _bundle(cfg, data, hflip, origin)
 
@@ -189,8 +267,11 @@ def _bundle(cfg: DataConfig, data: dict, hflip: bool, origin: str) -> DataBundle
         mean, std = channel_stats(train.images)
     img_size = cfg.img_size or default_size
     frac = f" (fraction {cfg.train_fraction:g} of {n_full}, seed {cfg.seed})" if cfg.train_fraction < 1 else ""
-    description = (f"{cfg.source}: {origin}; {len(train)} train{frac} / {len(test)} test images, "
+    skipped = [(str(p), str(r)) for p, r in data.get("skipped", [])]
+    left_out = f" ({len(skipped)} unreadable files left out)" if skipped else ""
+    description = (f"{cfg.source}: {origin}; {len(train)} train{frac} / {len(test)} test images{left_out}, "
                    f"{in_chans}x{native}px native -> {img_size}px, {len(classes)} classes, augment {cfg.augment}")
     return DataBundle(train=train, test=test, classes=list(classes), mean=tuple(mean), std=tuple(std),
                       in_chans=in_chans, native_size=native, img_size=img_size, name=cfg.source,
-                      description=description, hflip=hflip, config=cfg, crop_pct=crop_pct)
+                      description=description, hflip=hflip, config=cfg, crop_pct=crop_pct,
+                      skipped=skipped)

@@ -6,9 +6,12 @@ mtime in ns) of every image, which changes whenever a file is added, removed, re
 without reading 60,000 files. The cache format version and the decode settings are part of the
 key, and the entry format version (``ENTRY_VERSION``) is part of each entry's file name: version 2
 entries hold the test images' ids (``test_ids``) and rescale 16-bit images instead of clipping
-them, so no version 1 entry is ever read for them (the unpacked tarball, keyed by its bytes
-alone, is kept). Entries are written to a temporary file and renamed into place, so a crash or a concurrent
-writer never leaves a half-written entry.
+them; version 3 entries are safetensors files (the tensors, plus the other values as JSON in the
+header's metadata, so nothing is ever unpickled), decode EXIF-rotated and transparent images as
+``vitsam.data.decode`` says and record the files that could not be read, so no older entry is
+ever read for them (the unpacked tarball, keyed by its bytes alone, is kept). Entries are written
+to a temporary file and renamed into place, so a crash or a concurrent writer never leaves a
+half-written entry; an entry that cannot be read or fails its reader's check is rebuilt.
 
 Many processes at once (study workers, several runs on one cache): an entry is built under an
 exclusive ``flock`` of its own (``vitsam.io.locked``), so one process builds it and the others
@@ -19,18 +22,22 @@ entry removes it (``vitsam.io.remove_stale_temporaries``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
-from ..io import atomic_writer, locked, remove_stale_temporaries
+from ..io import atomic_write_bytes, locked, remove_stale_temporaries
 
 CACHE_VERSION = 1
-ENTRY_VERSION = 2
+ENTRY_VERSION = 3
+ENTRY_FORMAT = "vitsam-cache/3"
 
 
 def file_digest(paths: Sequence[str | Path]) -> str:
@@ -50,14 +57,63 @@ def listing_digest(root: str | Path, files: Iterable[str | Path], extra: str = "
     root = Path(root)
     h = hashlib.sha256(f"v{CACHE_VERSION}|{extra}".encode())
     for p in sorted(str(f) for f in files):
-        st = os.stat(p)
+        st = os.stat(p) if os.path.exists(p) else os.lstat(p)  # a broken link: the link itself
         h.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
 def cache_path(cache_dir: str | Path, name: str, key: str) -> Path:
     """Where the entry ``name`` with content key ``key`` lives."""
-    return Path(cache_dir) / "tensors" / f"{name}-v{ENTRY_VERSION}-{key[:24]}.pt"
+    return Path(cache_dir) / "tensors" / f"{name}-v{ENTRY_VERSION}-{key[:24]}.safetensors"
+
+
+def _digest(header: dict[str, Any], values: str, data: bytes) -> str:
+    """sha256 over an entry's tensor names, dtypes and shapes, its JSON values and its tensor
+    bytes: any change to the file (a flipped bit, a swapped shape) changes it."""
+    layout = sorted((k, v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__")
+    h = hashlib.sha256(json.dumps([layout, values]).encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def _split(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header JSON, tensor bytes) of a safetensors file's bytes; ValueError if it is not one."""
+    if len(blob) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(blob[:8], "little")
+    if n > len(blob) - 8:
+        raise ValueError(f"its header claims {n} bytes, more than the file holds")
+    header = json.loads(blob[8:8 + n])
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise ValueError("its header is not a safetensors header with metadata")
+    return header, blob[8 + n:]
+
+
+def write_entry(path: str | Path, data: dict[str, Any]) -> None:
+    """Store ``data`` (tensors and JSON values by name) atomically as one safetensors file, with
+    a checksum of everything in it (``_digest``) in the header."""
+    tensors = {k: v.contiguous() for k, v in data.items() if isinstance(v, torch.Tensor)}
+    values = json.dumps({k: v for k, v in data.items() if not isinstance(v, torch.Tensor)})
+    meta = {"format": ENTRY_FORMAT, "values": values}
+    header, body = _split(save_tensors(tensors, metadata=meta))
+    meta["sha256"] = _digest(header, values, body)
+    atomic_write_bytes(path, save_tensors(tensors, metadata=meta))
+
+
+def read_entry(path: str | Path) -> dict[str, Any]:
+    """What ``write_entry`` stored; ValueError (or the reader's own error) if it is not that, or
+    if it does not match its checksum."""
+    blob = Path(path).read_bytes()
+    header, body = _split(blob)
+    meta = header["__metadata__"]
+    if meta.get("format") != ENTRY_FORMAT:
+        raise ValueError(f"not a {ENTRY_FORMAT} entry (format {str(meta.get('format'))[:40]!r})")
+    if meta.get("sha256") != _digest(header, meta.get("values", ""), body):
+        raise ValueError("it does not match its checksum")
+    values = json.loads(meta["values"])
+    if not isinstance(values, dict):
+        raise ValueError("its values are not a JSON object")
+    return {**load_tensors(blob), **values}
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -69,28 +125,37 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def _load(path: Path) -> dict | None:
-    """The entry at ``path``, or None (with a one-line warning) when it cannot be loaded."""
+def _load(path: Path, check: Callable[[dict], Any] | None) -> dict | None:
+    """The entry at ``path``, or None (with a one-line warning) when it cannot be read or
+    ``check`` rejects it (by raising)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
+        data = read_entry(path)
+        if check is not None:
+            check(data)
+        return data
+    except BaseException as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit; a panic of safetensors' Rust reader is not
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"vitsam: warning: cache entry {path} is unreadable ({type(exc).__name__}: "
-              f"{first}); rebuilding it", file=sys.stderr)
+              f"{first[:200]}); rebuilding it", file=sys.stderr)
         return None
 
 
-def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[], dict]) -> dict:
-    """Return the cached dict of tensors/strings for (name, key), building and storing it if absent.
+def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[], dict],
+                  check: Callable[[dict], Any] | None = None) -> dict:
+    """Return the cached dict of tensors/JSON values for (name, key), building and storing it
+    if absent.
 
-    An unreadable entry (e.g. from an older torch, or another user's file without read
-    permission) is rebuilt and replaced rather than trusted, with a one-line warning naming it,
-    so that a cache which never works does not go unnoticed. Only one process at a time builds
-    an entry; another that finds it missing waits for that build and loads its result.
+    An unreadable entry (damaged, from another program, another user's file without read
+    permission) or one that ``check`` rejects (by raising) is rebuilt and replaced rather than
+    trusted, with a one-line warning naming it, so that a cache which never works does not go
+    unnoticed. Only one process at a time builds an entry; another that finds it missing waits
+    for that build and loads its result.
     """
     path = cache_path(cache_dir, name, key)
     seen = _identity(path)
-    if seen is not None and (data := _load(path)) is not None:
+    if seen is not None and (data := _load(path, check)) is not None:
         return data
     with ExitStack() as stack:
         try:
@@ -99,10 +164,9 @@ def load_or_build(cache_dir: str | Path, name: str, key: str, build: Callable[[]
         except OSError:
             pass  # a read-only cache folder: no lock, and the write below says why it fails
         now = _identity(path)
-        if now is not None and now != seen and (data := _load(path)) is not None:
+        if now is not None and now != seen and (data := _load(path, check)) is not None:
             return data  # built (or replaced) by another process while this one waited
         remove_stale_temporaries(path.parent, path.name)
         data = build()
-        with atomic_writer(path) as fh:
-            torch.save(data, fh)
+        write_entry(path, data)
     return data

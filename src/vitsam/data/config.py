@@ -9,6 +9,7 @@ from .errors import DataError
 
 SOURCES = ("mnist5k", "digits", "cifar10-shared", "imagefolder", "cifar10", "cifar100")
 AUGMENTS = ("none", "basic", "strong")
+BAD_FILES = ("error", "skip")
 DEFAULT_CACHE_DIR = "~/.cache/vitsam"
 CACHE_ENV = "VITSAM_CACHE"
 
@@ -28,6 +29,9 @@ class DataConfig:
     ``augment``: ``none``, ``basic`` (crop + flip) or ``strong`` (basic + RandAugment(2, 15) +
     Mixup(0.5)). ``cache_dir`` is replaced by ``$VITSAM_CACHE`` when left at its default.
     ``workers``: DataLoader worker processes for large-image folders (0 = decode in-process).
+    ``bad_files``: what to do with image files of a folder source that cannot be read
+    (``vitsam.data.scan``): ``error`` stops before training and names them all, ``skip`` leaves
+    them out and lists them in the run folder.
     """
 
     source: str = "mnist5k"
@@ -39,6 +43,7 @@ class DataConfig:
     cache_dir: str = DEFAULT_CACHE_DIR
     val_split: str = "val"
     workers: int = 2
+    bad_files: str = "error"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -51,6 +56,17 @@ class DataConfig:
             raise DataError(f"img_size must be a positive integer or None, got {self.img_size!r}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise DataError(f"workers must be a non-negative integer, got {self.workers!r}")
+        if self.bad_files not in BAD_FILES:
+            raise DataError(f"bad_files must be one of {', '.join(BAD_FILES)}, got {self.bad_files!r}")
+        check_split_name(self.val_split)
+
+
+def check_split_name(name: str, key: str = "val_split") -> str:
+    """``name`` if it names one folder inside the data root (no separators, not ``..``)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise DataError(f"{key} {name!r} must be the name of one folder inside the data root "
+                        "(e.g. val or test), not a path")
+    return name
 
 
 def resolve_cache_dir(cache_dir: str = DEFAULT_CACHE_DIR) -> Path:

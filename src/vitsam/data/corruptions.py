@@ -65,8 +65,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_write_json, atomic_writer, locked, remove_stale_temporaries, sha256_file
+from ..io import (DamagedFileError, atomic_write_json, atomic_writer, inside, locked,
+                  remove_stale_temporaries, sha256_file)
 from ..progress import progress_bar
+from ..runfiles import BOOL, NUM, REL, STR, check
 from . import cifar_c
 
 FORMAT = "vitsam-corruptions/1"
@@ -281,11 +283,33 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
         man = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CorruptionSetError(f"{path} is damaged; delete the folder {out_dir} and build again") from None
+    except (ValueError, RecursionError) as exc:  # numbers too long, nesting too deep
+        raise CorruptionSetError(f"{path} is damaged ({type(exc).__name__}); delete the folder "
+                                 f"{out_dir} and build again") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         fmt = man.get("format") if isinstance(man, dict) else None
-        raise CorruptionSetError(f"{out_dir} is not a vitsam corruption set (format {fmt!r}); "
+        fmt = repr(fmt) if len(repr(fmt)) <= 60 else repr(fmt)[:57] + "..."
+        raise CorruptionSetError(f"{out_dir} is not a vitsam corruption set (format {fmt}); "
                                  "choose another out_dir")
+    try:
+        check(man, _MANIFEST_SCHEMA, path)
+        sevs = {s for v in man["parts"].values() for s in v}
+        if not sevs <= {str(s) for s in SEVERITIES}:
+            raise DamagedFileError(f"{path}: parts hold severities {sorted(sevs)}, not 1-5")
+        requested_parts(man)
+    except (DamagedFileError, ValueError, TypeError, AttributeError) as exc:
+        first = str(exc).split("; the file is damaged")[0] if str(exc) else type(exc).__name__
+        raise CorruptionSetError(f"{first}; the manifest is damaged: delete the folder {out_dir} "
+                                 "and build again") from None
     return man
+
+
+_PART = {"file!": REL, "sha256": STR}
+# The fields readers use (``vitsam.runfiles.check``); every file named must lie inside the set.
+_MANIFEST_SCHEMA = {"format!": STR, "params": STR, "seed": NUM, "library": STR, "n": NUM,
+                    "source": {"description": STR, "sha256": STR}, "clean!": _PART,
+                    "labels!": _PART, "parts!": {"*": {"*": _PART}}, "requested": {"*": [(NUM, STR)]},
+                    "complete": BOOL}
 
 
 def _part_done(out_dir: Path, man: dict[str, Any], corruption: str, severity: int) -> bool:
@@ -521,12 +545,17 @@ def incomplete_reason(man: dict[str, Any]) -> str | None:
 
 
 def _load_checked(set_dir: Path, entry: dict[str, Any], verify: bool) -> np.ndarray:
-    path = set_dir / entry["file"]
+    path = inside(set_dir, entry["file"], f"the manifest of {set_dir}")
     if not path.exists():
         raise CorruptionSetError(f"{path} is missing; re-run build_corruption_set on {set_dir} to restore it")
     if verify and sha256_file(path) != entry.get("sha256"):
         raise CorruptionSetError(f"{path} does not match its checksum; re-run build_corruption_set on {set_dir}")
-    return np.load(path)
+    try:
+        return np.load(path)  # allow_pickle stays False: a .npy holding objects is refused
+    except (ValueError, OSError, EOFError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CorruptionSetError(f"{path} cannot be read ({why}); re-run build_corruption_set on "
+                                 f"{set_dir}") from None
 
 
 def load_clean_set(set_dir: str | Path, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ INTERPOLATION = "bilinear, antialiased (torchvision, uint8)"
 def check_crop_pct(crop_pct: float) -> float:
     """``crop_pct`` as a float in (0, 1], or a one-line DataError."""
     if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
-        raise DataError(f"crop_pct must be a number in (0, 1], got {crop_pct!r}")
+        raise DataError(f"crop_pct must be a number in (0, 1], got {repr(crop_pct)[:60]}")
     return float(crop_pct)
 
 

@@ -11,15 +11,19 @@ Fields::
     mean, std      per channel, 0-1 scale
     in_chans, img_size, native_size, classes, train_images, description
     preprocessing  preprocess.describe(img_size, crop_pct)
+    skipped_files  how many unreadable image files ``data.bad_files=skip`` left out; when any,
+                   ``bad_files.txt`` beside it lists them (path relative to the data root, a tab,
+                   the reason), one per line
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_json, read_json
+from ..io import atomic_write_bytes, atomic_write_json, read_json
 from .errors import DataError
 from .preprocess import check_crop_pct, describe
+from .scan import LIST_FILE as BAD_FILES_FILE, write_list
 from .tensors import DataBundle
 
 RECORD_FILE = "data.json"
@@ -32,12 +36,18 @@ def data_record(bundle: DataBundle) -> dict[str, Any]:
             "in_chans": int(bundle.in_chans), "img_size": int(bundle.img_size),
             "native_size": int(bundle.native_size), "classes": list(bundle.classes),
             "train_images": len(bundle.train), "description": bundle.description,
-            "preprocessing": describe(bundle.img_size, bundle.crop_pct)}
+            "preprocessing": describe(bundle.img_size, bundle.crop_pct),
+            "skipped_files": len(bundle.skipped)}
 
 
 def save_data_record(run_dir: str | Path, bundle: DataBundle) -> Path:
     """Write ``run_dir/data.json`` for ``bundle`` (atomically); returns its path."""
     path = Path(run_dir) / RECORD_FILE
+    listing = Path(run_dir) / BAD_FILES_FILE
+    if bundle.skipped:
+        write_list(listing, bundle.skipped, bundle.config.root or "the data root", "skip")
+    else:
+        listing.unlink(missing_ok=True)
     atomic_write_json(path, data_record(bundle))
     return path
 
@@ -48,6 +58,11 @@ def copy_data_record(src_run: str | Path, dst_run: str | Path) -> Path | None:
     source has no record (then ``dst_run`` keeps none either, not one of an earlier derivation)."""
     rec = load_data_record(src_run)
     path = Path(dst_run) / RECORD_FILE
+    listing, src_listing = Path(dst_run) / BAD_FILES_FILE, Path(src_run) / BAD_FILES_FILE
+    if rec is not None and src_listing.is_file():
+        atomic_write_bytes(listing, src_listing.read_bytes())
+    else:
+        listing.unlink(missing_ok=True)
     if rec is None:
         path.unlink(missing_ok=True)
         return None
@@ -70,6 +85,7 @@ def load_data_record(run_dir: str | Path) -> dict[str, Any] | None:
             raise ValueError("mean/std do not have one positive value per channel")
         check_crop_pct(rec["preprocessing"]["crop_pct"])
     except (AttributeError, KeyError, TypeError, ValueError, DataError) as err:
-        raise DataError(f"{path} is not a valid {FORMAT} record ({str(err).splitlines()[0] or type(err).__name__}); "
+        why = (str(err).splitlines() or [""])[0][:200] or type(err).__name__
+        raise DataError(f"{path} is not a valid {FORMAT} record ({why}); "
                         "delete it to fall back to statistics recomputed from the run's data") from None
     return rec

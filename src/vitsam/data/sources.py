@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..progress import progress_bar
+from .config import check_split_name
 from .decode import IMAGE_EXTENSIONS
 from .errors import DataError
 
@@ -29,6 +30,8 @@ class FolderListing:
     """Image files of an ImageFolder tree; labels index ``classes`` (sorted folder names).
 
     ``test_ids``: each test file's path relative to the test folder, POSIX (``"cat/0000.jpg"``).
+    ``ignored``: files left out because their names do not end in an image extension (hidden
+    files and the desktop's ``Thumbs.db`` / ``desktop.ini`` are not listed there).
     """
 
     root: Path
@@ -38,6 +41,7 @@ class FolderListing:
     test_files: list[str]
     test_labels: list[int]
     test_ids: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- embedded sets
@@ -157,22 +161,58 @@ def read_cifar_pickles(files: dict[str, list[Path]], kind: str) -> dict:
 
 
 # ---------------------------------------------------------------- ImageFolder trees
+# Files a desktop writes into folders; never images, never worth a warning.
+_DESKTOP_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
+
+
 def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    names = []
+    for e in os.scandir(split_dir):
+        if e.name.startswith("."):
+            continue
+        if e.is_symlink() and not os.path.exists(e.path):
+            raise DataError(f"{e.path} is a broken symbolic link (to {os.readlink(e.path)}); "
+                            "point it at the class folder or remove it")
+        if e.is_dir():
+            names.append(e.name)
+    return sorted(names)
 
 
-def _images_in(folder: Path) -> list[str]:
-    files = [e.path for e in os.scandir(folder)
-             if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-    if not files:
-        raise DataError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                        "add images or remove the folder")
-    return sorted(files)
+def _walk_images(folder: Path, ignored: list[str]) -> list[str]:
+    """Every image file under ``folder``, sub-folders and symbolic links included (as
+    torchvision's ImageFolder does), sorted; a link back to a folder already seen is not
+    followed twice (no endless loop). Broken links to image names are listed (they are then
+    reported as unreadable files); other files are added to ``ignored``."""
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [str(folder)]
+    while stack:
+        d = stack.pop()
+        real = os.path.realpath(d)
+        if real in seen:
+            continue
+        seen.add(real)
+        for e in os.scandir(d):
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                stack.append(e.path)
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(e.path)  # a regular file, a link to one, or a broken link
+            elif e.name.lower() not in _DESKTOP_FILES:
+                ignored.append(e.path)
+    return sorted(found)
 
 
 def scan_imagefolder(root: str | Path, val_split: str = "val") -> FolderListing:
-    """List ``root/train/<class>/*`` and ``root/<val_split>/<class>/*`` with strict consistency checks."""
+    """List ``root/train/<class>/*`` and ``root/<val_split>/<class>/*`` with strict consistency checks.
+
+    Both splits must hold the same class folders, and every class folder at least one image
+    file; every problem of a kind is named in one error. Files whose names do not end in an
+    image extension are left out (``FolderListing.ignored``).
+    """
     root = Path(root).expanduser()
+    check_split_name(val_split)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist; set root to a folder holding train/<class>/<images>")
     train_dir, val_dir = root / "train", root / val_split
@@ -192,16 +232,29 @@ def scan_imagefolder(root: str | Path, val_split: str = "val") -> FolderListing:
         raise DataError(f"class folders differ between {train_dir} and {val_dir}: only in train: "
                         f"{', '.join(only_t)}; only in {val_split}: {', '.join(only_v)}; "
                         "make both splits hold the same class folders")
+    ignored = [e.path for d in (train_dir, val_dir) for e in os.scandir(d)
+               if not e.name.startswith(".") and not e.is_dir() and e.name.lower() not in _DESKTOP_FILES]
     lists: dict[str, tuple[list[str], list[int]]] = {}
+    empty: list[str] = []
     for split, d in (("train", train_dir), ("test", val_dir)):
         files, labels = [], []
         for label, c in enumerate(classes):
-            imgs = _images_in(d / c)
+            imgs = _walk_images(d / c, ignored)
+            if not imgs:
+                empty.append(str(d / c))
             files += imgs
             labels += [label] * len(imgs)
         lists[split] = (files, labels)
+    if empty:
+        what = (f"class folder {empty[0]} has" if len(empty) == 1 else
+                f"{len(empty)} class folders have")
+        names = "" if len(empty) == 1 else f": {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}"
+        fix = "the folder" if len(empty) == 1 else "those classes"
+        raise DataError(f"{what} no images ({', '.join(IMAGE_EXTENSIONS)}){names}; add images or "
+                        f"remove {fix} from both splits")
     test_ids = [Path(os.path.relpath(p, val_dir)).as_posix() for p in lists["test"][0]]
-    return FolderListing(root, classes, *lists["train"], *lists["test"], test_ids=test_ids)
+    return FolderListing(root, classes, *lists["train"], *lists["test"], test_ids=test_ids,
+                         ignored=sorted(ignored))
 
 
 # ---------------------------------------------------------------- shared CIFAR-10 JPEG tarball

@@ -9,7 +9,7 @@ splits).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -90,7 +90,8 @@ class DataBundle:
     stored images (of the first training image for lazy file lists); ``img_size`` is the resolved
     model input size. ``hflip`` says whether ``basic`` augmentation flips horizontally.
     ``crop_pct``: the evaluation preprocessing's crop fraction (``vitsam.data.preprocess``): 1.0
-    for images held in memory, 0.875 for large-image folders.
+    for images held in memory, 0.875 for large-image folders. ``skipped``: (path relative to the
+    data root, reason) of each unreadable file left out under ``bad_files=skip``.
     """
 
     train: ImageTensors | ImageFiles
@@ -106,6 +107,7 @@ class DataBundle:
     hflip: bool
     config: DataConfig
     crop_pct: float = 1.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

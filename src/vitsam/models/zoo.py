@@ -170,7 +170,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _show(kwargs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) if kwargs else "its defaults"
+    """The arguments for a one-line message (a long value, e.g. from a damaged file, shortened)."""
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return ", ".join(f"{k}={short(v)}" for k, v in kwargs.items()) if kwargs else "its defaults"
 
 
 def _timm_model(name: str, num_classes: int, img_size: int, in_chans: int,

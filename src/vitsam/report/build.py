@@ -16,7 +16,8 @@ from typing import Any
 
 import jinja2
 
-from ..io import atomic_write_bytes, read_json
+from ..io import DamagedFileError, atomic_write_bytes
+from ..runfiles import read_run_file
 from ..study import tables
 from . import figures
 from .template import HTML
@@ -43,7 +44,13 @@ def _records(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
         studies = sorted(d.glob("study-*.json"),
                          key=lambda p: (order.index(p.stem[6:]) if p.stem[6:] in order else 99, p.stem))
         if studies:
-            out += [(d, read_json(p, "study record")) for p in studies]
+            for p in studies:
+                rec = read_run_file(p, "study")
+                unknown = [c for c in rec["columns"] if c not in tables.COLUMNS]
+                if unknown:
+                    raise DamagedFileError(f"{p} names unknown table columns ({', '.join(unknown[:3])}); "
+                                           "it is damaged or from another version: run the study again")
+                out.append((d, rec))
         elif (d / "final.json").exists():
             runs.append(d)
         else:
@@ -61,7 +68,7 @@ def _runs_record(runs: list[Path]) -> tuple[Path, dict[str, Any]]:
     parent = runs[0].parent
     grid, cells = [], {}
     for r in runs:
-        cfg = read_json(r / "config.json", "run config")
+        cfg = read_run_file(r / "config.json", "config")
         name = cfg["model"]["name"]
         fam = MODELS[name].family if name in MODELS else name
         sam = cfg["optim"].get("sam", False)
@@ -157,9 +164,9 @@ def _hessian_settings(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         p = folder / r["name"] / "analysis.json"
         if p.exists():
-            h = read_json(p, "analysis file").get("hessian")
+            h = read_run_file(p, "analysis").get("hessian")
             if h:
-                s = h["settings"]
+                s = h.get("settings", {})
                 return [f"k={s.get('k')}", f"tol={s.get('tol')}", f"method={s.get('method')}",
                         f"samples={h.get('samples')}"]
     return []
@@ -175,12 +182,12 @@ def _plugin_figures(folder: Path, rows: list[dict[str, Any]], fig_dir: Path, nam
     corr: list[tuple[str, dict]] = []
     for r in rows:
         d = folder / r["name"]
-        ana = read_json(d / "analysis.json", "analysis file") if (d / "analysis.json").exists() else {}
+        ana = read_run_file(d / "analysis.json", "analysis") if (d / "analysis.json").exists() else {}
         for key in ("landscape", "attention"):
             res = ana.get(key, {}).get("result") if key in stages else None
             if res and res.get("supported", True) is not False:
                 per.setdefault(key, []).append((r["name"], res))
-        ev = read_json(d / "eval.json", "evaluation file") if (d / "eval.json").exists() else {}
+        ev = read_run_file(d / "eval.json", "eval") if (d / "eval.json").exists() else {}
         if "corruptions" in ev and "corruptions" in stages:
             corr.append((r["name"], ev["corruptions"]))
     captions = {"landscape": "Filter-normalised loss along a random direction around the "
@@ -215,6 +222,9 @@ def build_report(dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]
     """Write ``report.html`` and ``report.md`` (and ``figures/``, ``<study>.csv``)."""
     recs = _records(dirs)
     out = out or (dirs[0] if len(dirs) == 1 and list(dirs[0].glob("study-*.json")) else Path("report"))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the report")
+    tabs = [tables.study_tables(folder, rec) for folder, rec in recs]  # every file read before writing
     out.mkdir(parents=True, exist_ok=True)
     fig_dir = out / "figures"
     views, figs, md = [], [], []
@@ -223,8 +233,7 @@ def build_report(dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]
     meta = (f"Generated {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} "
             f"{platform.system()}, Python {platform.python_version()}, torch {torch.__version__}. "
             "All numbers are read from the run folders listed in each table.")
-    for folder, rec in recs:
-        t = tables.study_tables(folder, rec)
+    for (folder, rec), t in zip(recs, tabs):
         v = _study_view(folder, rec, t)
         views.append(v)
         atomic_write_bytes(out / f"{rec['study']}.csv", tables.to_csv(t["rows"], t["columns"]).encode())

@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..io import read_json, read_jsonl  # noqa: E402
+from ..io import read_jsonl  # noqa: E402
+from ..runfiles import read_run_file  # noqa: E402
 
 COLORS = {"vanilla": "tab:blue", "sam": "tab:red", "aug": "tab:green", "sam-aug": "tab:purple"}
 
@@ -32,7 +33,7 @@ def _result(study_dir: Path, row: dict[str, Any], analysis: str) -> dict[str, An
     path = study_dir / row["name"] / "analysis.json"
     if not path.exists():
         return None
-    return read_json(path, "analysis file").get(analysis, {}).get("result")
+    return read_run_file(path, "analysis").get(analysis, {}).get("result")
 
 
 def _families(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -54,7 +55,7 @@ def training_curves(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path)
             log = study_dir / r["name"] / "metrics.jsonl"
             if not log.exists():
                 continue
-            recs = list(read_jsonl(log))
+            recs = [x for x in read_jsonl(log) if isinstance(x, dict) and "epoch" in x]
             tr = [(x["epoch"], x["loss"]) for x in recs if "loss" in x]
             te = [(x["epoch"], 100 * x["test_acc"]) for x in recs if "test_acc" in x]
             style = dict(color=COLORS.get(r["method"], "k"), alpha=0.8, lw=1.2,
@@ -128,7 +129,7 @@ def gain_vs_size(agg: Sequence[dict[str, Any]], path: Path, col: str = "test_acc
 def sharpness_curves(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """lambda_max at every checkpoint (top) and SAM's logged sharpness (bottom) against steps."""
     runs = [(r, study_dir / r["name"] / "sharpness.json") for r in rows]
-    runs = [(r, read_json(p, "sharpness file")) for r, p in runs if p.exists()]
+    runs = [(r, read_run_file(p, "sharpness")) for r, p in runs if p.exists()]
     if not runs:
         return None
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(5.6, 6.0), sharex=True)

@@ -17,7 +17,7 @@ from multiprocessing import get_context, parent_process
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, validate
 from ..io import atomic_write_json
 from ..lifeline import exit_with_parent
 from ..progress import progress_bar
@@ -176,12 +176,15 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
 
 
 def _configs(cells: list[Cell], overrides: Sequence[str]) -> tuple[dict[str, RunConfig], dict[str, str]]:
-    """Each cell's config with the overrides; an override no cell accepts is a usage error."""
+    """Each cell's config with the overrides, checked as training would check it (before any
+    work); an override no cell accepts is a usage error."""
     configs: dict[str, RunConfig] = {}
     errors: dict[str, str] = {}
     for c in cells:
         try:
-            configs[c.name] = cell_overrides(c, overrides)
+            cfg = cell_overrides(c, overrides)
+            validate(cfg)
+            configs[c.name] = cfg
         except (ConfigError, ValueError, TypeError) as exc:
             errors[c.name] = _one_line(exc)
     if errors and not configs:

@@ -36,9 +36,12 @@ MARKER = "cell.json"
 
 def fingerprint(cfg: RunConfig) -> str:
     """A hash of everything in a cell's config that changes its results (not its thread count,
-    output folder or how many faulty steps in a row stop it: a run that finishes is the same)."""
+    output folder, how many faulty steps in a row stop it, or what to do with unreadable files:
+    a finished run is the same either way, and cells trained before those settings existed
+    still match)."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
+    d["data"].pop("bad_files", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..io import read_json
+from ..runfiles import read_run_file
 
 # column -> (header, format, higher is better)
 COLUMNS: dict[str, tuple[str, str, bool | None]] = {
@@ -45,16 +45,15 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        return read_json(path, "run file") if path.exists() else {}
-    except ValueError:
-        return {}
+def _load(path: Path, kind: str) -> dict[str, Any]:
+    """A run file's checked content ({} when absent); a damaged one is a one-line error naming it."""
+    return read_run_file(path, kind) if path.exists() else {}
 
 
 def cell_values(run_dir: Path) -> dict[str, Any]:
     """Every table value one run folder holds (missing ones are left out)."""
-    final, ana, ev = (_load(run_dir / n) for n in ("final.json", "analysis.json", "eval.json"))
+    final, ana, ev = (_load(run_dir / f"{n}.json", k) for n, k in
+                      (("final", "final"), ("analysis", "analysis"), ("eval", "eval")))
     v: dict[str, Any] = {
         "params": final.get("params"),
         "test_acc": final.get("test_acc"),
@@ -76,7 +75,7 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
     att = _get(ana, "attention", "result")
     if att and att.get("supported", True) is not False and att.get("entropy_per_block"):
         v["attention_entropy"] = att["entropy_per_block"][-1]
-    sharp = _load(run_dir / "sharpness.json").get("checkpoints")
+    sharp = _load(run_dir / "sharpness.json", "sharpness").get("checkpoints")
     if sharp:
         v["lambda_max_last"] = sharp[-1]["lambda_max"]
         v["_checkpoints"] = sharp

@@ -117,13 +117,18 @@ def rng_state() -> dict[str, str]:
 
 
 def set_rng_state(enc: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved."""
+    """Restore what ``rng_state`` saved (a damaged record is a one-line CheckpointError)."""
     def dec(s: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.uint8)
 
-    torch.set_rng_state(dec(enc["torch"]))
-    if "cuda" in enc and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([dec(s) for s in enc["cuda"]])
+    try:
+        torch.set_rng_state(dec(enc["torch"]))
+        if "cuda" in enc and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([dec(s) for s in enc["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"the checkpoint's random-generator state is damaged ({first}); "
+                              "resume from another checkpoint or train the run again") from None
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -260,6 +265,10 @@ def list_checkpoints(run_dir: str | Path) -> list[str]:
 def resolve_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
     """The folder of checkpoint ``which`` ("last", "final" or a name such as epoch-0003)."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise CheckpointError(f"{run_dir} is a file, not a run folder; vitsam reads the run "
+                              "folders `vitsam train` writes (safetensors and JSON) and never "
+                              "unpickles a .pt/.pth checkpoint")
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist; give the folder that "
                               "`vitsam train` printed")
@@ -293,7 +302,8 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         state = state if isinstance(state, dict) else {}
         raise CheckpointError(f"{ckpt_dir} is not a {FORMAT} checkpoint "
-                              f"(format={state.get('format')!r})")
+                              f"(format={_short(state.get('format'))})")
+    _check_state(state, ckpt_dir / "state.json")
     others = [n for n in list_checkpoints(ckpt_dir.parent.parent) if n != ckpt_dir.name]
     alt = (f"; other checkpoints: {', '.join(others)} (pick one with --checkpoint NAME, or "
            f"delete {ckpt_dir} to fall back to the newest of them)" if others else
@@ -311,9 +321,51 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict
             raise CheckpointError(f"{path} is damaged (checksum mismatch){alt}")
         try:
             tensors.append(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} cannot be read ({exc}){alt}") from None
+        except BaseException as exc:  # noqa: BLE001 - safetensors' Rust panics are BaseExceptions
+            if not isinstance(exc, (SafetensorError, OSError, ValueError)) and \
+                    type(exc).__name__ != "PanicException":
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CheckpointError(f"{path} cannot be read ({first}){alt}") from None
     return state, tensors[0], tensors[1]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_state(state: dict, path: Path) -> None:
+    """One-line CheckpointError unless ``state`` has the fields readers use, of the right types."""
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {key}={_short(_get(state, key))} must be {want}; the file is "
+                               "damaged: restore it from a copy, or train the run again")
+
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad("step", "a non-negative integer")
+    sha = state.get("sha256", {})
+    if not isinstance(sha, dict) or not all(isinstance(v, str) for v in sha.values()):
+        raise bad("sha256", "an object of file name: checksum")
+    for key in ("config", "extra", "rng"):
+        if key in state and not isinstance(state[key], dict):
+            raise bad(key, "an object")
+    spec = state.get("model_spec")
+    if spec is not None:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise bad("model_spec", "an object with the model's name")
+        for key in ("num_classes", "img_size", "in_chans"):
+            v = spec.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(f"model_spec.{key}", "a positive integer")
+        if not isinstance(spec.get("kwargs", {}), dict):
+            raise bad("model_spec.kwargs", "an object")
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
 
 def read_latest_good(run_dir: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor],
@@ -388,19 +440,47 @@ def load_run(run_dir: str | Path, which: str = "last", device: str | torch.devic
 
     ckpt = resolve_checkpoint(run_dir, which)
     state, weights, _ = read_checkpoint(ckpt)
-    if not isinstance(state.get("model_spec"), dict):
+    spec = state.get("model_spec")
+    if not isinstance(spec, dict):
         raise CheckpointError(f"{ckpt / 'state.json'} has no model spec; restore it or train the "
                               "run again")
-    model = build_from_spec(state["model_spec"])
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"weights in {ckpt} do not fit the model spec "
-                              f"{state['model_spec']['name']}: {first}") from None
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{ckpt / 'state.json'} has no config; restore it or train the run again")
+    _check_weights(ckpt, spec, weights)  # on the meta device: nothing allocated for a bad spec
+    model = build_from_spec(spec)
+    model.load_state_dict(weights, strict=True)
     model.to(device).eval()
     return LoadedRun(Path(run_dir), model, state["model_spec"], state["config"],
                      int(state["step"]), ckpt)
+
+
+def _check_weights(ckpt: Path, spec: dict, weights: dict[str, torch.Tensor]) -> None:
+    """One-line CheckpointError unless the model ``spec`` names can be built and ``weights`` hold
+    exactly its tensors (names, shapes, dtypes)."""
+    from ..models import ModelError, build_from_spec
+
+    try:
+        with torch.device("meta"):
+            shell = build_from_spec(spec)
+    except (ModelError, ValueError, TypeError, KeyError, RuntimeError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"the model spec in {ckpt / 'state.json'} cannot be built: {first}; "
+                              "the checkpoint is damaged or from another vitsam version") from None
+    want = {k: (tuple(v.shape), v.dtype) for k, v in shell.state_dict().items()}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or extra or wrong:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                 (f"{len(wrong)} of another shape or type (e.g. {wrong[0]}: {got[wrong[0]][0]} "
+                  f"{str(got[wrong[0]][1])[6:]} in the file, {want[wrong[0]][0]} "
+                  f"{str(want[wrong[0]][1])[6:]} in the model)") if wrong else ""]
+        raise CheckpointError(f"weights in {ckpt / 'model.safetensors'} do not match the model "
+                              f"{spec['name']!r} that its state.json describes: "
+                              f"{', '.join(p for p in parts if p)}; the checkpoint's files come "
+                              "from different runs or were edited: restore it or train the run again")
 
 
 def check_new_run_dir(out_dir: str | Path, flag: str = "--out") -> Path:

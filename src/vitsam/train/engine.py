@@ -275,6 +275,7 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
             return _train(cfg, run_dir, resume, progress)
     if cfg is None:
         raise ValueError("train() needs a config or a run folder to resume")
+    validate(cfg)  # before any folder is made: a bad name could even point outside out_dir
     if run_dir is None:
         run_dir, made = new_run_dir(cfg), True
     else:
