@@ -67,6 +67,9 @@ class LandscapeConfig:
     filter-normalised direction (a single number s means (-s, s)). steps: grid points per axis.
     seed: seed of the Gaussian directions. include_bias_norm: also perturb 1-D parameters.
     max_batches: how many of the given batches form the fixed evaluation subset (None: all).
+    weight_decay: add the L2 term ``decay_rate / 2 * ||w||^2`` over the parameters the optimiser
+    decays to the plotted loss (default: the data loss alone; every figure says which).
+    decay_rate: the run's ``optim.weight_decay`` (``vitsam analyze`` fills it in).
     state_path: optional JSON file for resuming an interrupted grid (not part of the result).
     """
 
@@ -76,6 +79,8 @@ class LandscapeConfig:
     seed: int = 0
     include_bias_norm: bool = False
     max_batches: int | None = 8
+    weight_decay: bool = False
+    decay_rate: float | None = None
     state_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +100,12 @@ class LandscapeConfig:
             raise LandscapeError(f"steps must be an integer >= 2, got {self.steps!r}")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
             raise LandscapeError(f"max_batches must be None or an integer >= 1, got {self.max_batches!r}")
+        if not isinstance(self.weight_decay, bool):
+            raise LandscapeError(f"weight_decay must be true or false, got {self.weight_decay!r}")
+        if self.weight_decay and not (isinstance(self.decay_rate, (int, float))
+                                      and self.decay_rate >= 0):
+            raise LandscapeError("weight_decay=true needs decay_rate >= 0 (the run's "
+                                 f"optim.weight_decay), got {self.decay_rate!r}")
 
     def settings(self) -> dict[str, Any]:
         """The settings that determine the result (everything but ``state_path``)."""
@@ -172,6 +183,15 @@ def evaluate(model: nn.Module, batches: Sequence[Batch]) -> tuple[float, float]:
         correct += int((logits.argmax(dim=-1) == y).sum())
         n += int(y.numel())
     return loss_sum / n, correct / n
+
+
+def l2_penalty(model: nn.Module, rate: float) -> float:
+    """``rate / 2 * sum ||w||^2`` over the parameters the optimiser decays (see
+    ``vitsam.optim.factory.param_groups``): the L2 term whose gradient step is weight decay."""
+    from ..optim.factory import param_groups
+
+    decayed = param_groups(model, rate)[0]["params"]
+    return 0.5 * rate * float(sum(p.detach().double().pow(2).sum() for p in decayed))
 
 
 def _take_batches(model: nn.Module, data: Iterable[Batch], max_batches: int | None) -> list[Batch]:
@@ -273,6 +293,8 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = Landscap
     try:
         with eval_mode(model), torch.no_grad():
             center = evaluate(model, batches)
+            if cfg.weight_decay:
+                center = (center[0] + l2_penalty(model, cfg.decay_rate), center[1])
             for i in range(len(rows["loss"]), len(xs)):
                 row_loss, row_acc = [], []
                 for b in ys:
@@ -282,6 +304,7 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = Landscap
                     if cfg.dims == 2 and b != 0.0:
                         torch._foreach_add_(params, dirs[1], alpha=b)
                     loss, acc = evaluate(model, batches)
+                    loss += l2_penalty(model, cfg.decay_rate) if cfg.weight_decay else 0.0
                     row_loss.append(_finite_or_none(loss))
                     row_acc.append(acc)
                     bar.update(1)
@@ -308,6 +331,7 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: LandscapeConfig = Landscap
         "accuracy": acc,
         "center_loss": center[0],
         "center_accuracy": center[1],
+        "weight_decay": "included" if cfg.weight_decay else "excluded",
     }
     if cfg.dims == 2:
         result["y"] = ys
@@ -357,13 +381,15 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path,
     zhi = float(zmax if zmax is not None else np.nanmax([np.nanmax(z) for z in losses]))
     if not zhi > zlo:
         zhi = zlo + 1e-6
+    terms = {r.get("weight_decay", "excluded") for _, r in pairs}
+    l2 = f"L2 term {terms.pop()}" if len(terms) == 1 else "L2 term included for some runs"
 
     if dims == {1}:
         fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
         for (label, r), z in zip(pairs, losses):
             ax_l.plot(r["x"], z, label=label)
             ax_a.plot(r["x"], r["accuracy"], label=label)
-        ax_l.set(xlabel="alpha (filter-normalised direction)", ylabel="train loss (nats)",
+        ax_l.set(xlabel="alpha (filter-normalised direction)", ylabel=f"train loss (nats), {l2}",
                  ylim=(zlo - 0.03 * (zhi - zlo), zhi + 0.03 * (zhi - zlo)), title="Loss")
         ax_a.set(xlabel="alpha (filter-normalised direction)", ylabel="accuracy", ylim=(0, 1),
                  title="Accuracy")
@@ -384,7 +410,7 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path,
             cs = ax2.contour(a, b, zc, levels=levels, cmap="viridis", norm=norm)
             ax2.set(xlabel="alpha", ylabel="beta", aspect="equal")
             ax2.plot([0], [0], "k+")
-        fig.colorbar(cs, ax=fig.axes[1::2], shrink=0.8, label="train loss (nats)")
+        fig.colorbar(cs, ax=fig.axes[1::2], shrink=0.8, label=f"train loss (nats), {l2}")
         path = out / "landscape_2d.png"
     with atomic_writer(path) as fh:  # a kill while drawing never leaves a half-written PNG
         fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")

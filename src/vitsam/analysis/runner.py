@@ -31,6 +31,7 @@ ANALYSES: dict[str, tuple[str, str]] = {
     "landscape": ("LandscapeConfig", "train"),
     "sparsity": ("SparsityConfig", "train"),
     "attention": ("AttentionConfig", "test"),
+    "trajectory": ("TrajectoryConfig", "train"),
 }
 
 
@@ -108,8 +109,10 @@ def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[st
     run = load_run(run_dir, req.checkpoint, device=req.device)
     bundle = build_data(run.data_config())
     # The final configs (with the run's statistics and model spec) before any analysis runs.
+    decay = run.config.get("optim", {}).get("weight_decay") if isinstance(run.config, dict) else None
     configs = {name: plugin_config(name, req.settings, mean=bundle.mean, std=bundle.std,
-                                   model_spec=run.model_spec, progress=progress)
+                                   model_spec=run.model_spec, progress=progress,
+                                   run_dir=str(run_dir), decay_rate=decay)
                for name in req.names}
     out: dict[str, Any] = {}
     for name, cfg in configs.items():
@@ -205,6 +208,12 @@ def summarize(name: str, r: dict[str, Any]) -> str:
         worst = f"{max(flat):.4g}" if flat else "not finite anywhere"
         return (f"centre loss={r['center_loss']:.4f} acc={r['center_accuracy']:.3f}; "
                 f"max loss on grid={worst}")
+    if name == "trajectory":
+        e1, e2 = r["explained"]
+        return (f"{len(r['steps'])} checkpoints (steps {r['steps'][0]}-{r['steps'][-1]}); the "
+                f"top-2 directions explain {100 * e1:.1f}% + {100 * e2:.1f}% of the path; loss "
+                f"{r['checkpoint_loss'][0]:.4f} -> {r['checkpoint_loss'][-1]:.4f} (L2 term "
+                f"{r['weight_decay']})")
     if name == "sparsity":
         return "; ".join(f"{k}: {v['ever_active_pct']:.1f}% ever active, "
                          f"{v['mean_active_pct_per_image']:.1f}% per image"
