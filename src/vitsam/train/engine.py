@@ -299,7 +299,7 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
         raise ValueError("train() needs a config or a run folder to resume")
     with processes(pick_device(cfg.train.device).type == "cuda") as group:
         if not group.is_main:
-            with reported_by_main(signals.Interrupted, NonFiniteError):
+            with reported_by_main(ConfigError, signals.Interrupted, NonFiniteError):
                 return _train(cfg, group.share_folder(None), resume, False, group)
         return _train_main(cfg, run_dir, resume, progress, group)
 
