@@ -74,6 +74,9 @@ def _entry(rank: int, world: int, port: int, tmp: Path, job, args: tuple) -> Non
     cwd = tmp / f"cwd-{rank}"
     cwd.mkdir(exist_ok=True)
     os.chdir(cwd)
+    if os.environ.get("VITSAM_TEST_STDERR"):  # for a test that waits for a fault point's line
+        fd = os.open(os.environ["VITSAM_TEST_STDERR"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, 2)
     try:
         job(*args)
     except BaseException as exc:  # noqa: BLE001 - reported to the test
@@ -175,7 +178,9 @@ def test_only_rank_0_writes(runs):
     assert json.loads((one / "final.json").read_text())["processes"] == 1
     state = json.loads((resolve_checkpoint(two) / "state.json").read_text())
     assert state["extra"]["world_size"] == 2 and state["extra"]["samples"] == 6 * 16
-    assert len(state["extra"]["rng_ranks"]) == 2
+    # Every rank's own RNG stream (dropout masks differ between ranks), rank 0's the run's.
+    rng0, rng1 = state["extra"]["rng_ranks"]
+    assert rng0 == state["rng"] and rng1["torch"] != rng0["torch"]
 
 
 def test_two_rank_run_killed_then_resumed_on_one_process_ends_as_uninterrupted(runs, tmp_path):
@@ -202,6 +207,36 @@ def test_two_rank_run_killed_then_resumed_on_one_process_ends_as_uninterrupted(r
     assert _max_diff(_weights(run_dir), _weights(runs["two-sync"])) < ATOL
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_signal_to_one_rank_stops_both_after_the_same_step_and_resumes_on_two(runs, tmp_path):
+    """SIGTERM reaches rank 1 alone (paused in step 3): both ranks finish step 3, rank 0 writes
+    its checkpoint and reports the stop, rank 1 ends quietly with the same status; resumed on
+    two ranks (each its own RNG state back), the run ends as the uninterrupted one, exactly."""
+    run_dir = tmp_path / "run"
+    sent = []
+
+    def term_rank_1(procs):
+        if not sent and "paused" in _read(tmp_path / "err-1.txt"):
+            os.kill(procs[1].pid, signal.SIGTERM)
+            sent.append(True)
+
+    env = {1: {"VITSAM_FAULT": "pause_at:step@3", "VITSAM_TEST_STDERR": str(tmp_path / "err-1.txt")}}
+    assert _run_ranks(tmp_path, _train_job, tmp_path, run_dir, (), env=env,
+                      until=term_rank_1) == [3, 3]
+    assert _read(tmp_path / "exc-0.txt").startswith("Interrupted: stopped by SIGTERM after step 3")
+    assert _read(tmp_path / "exc-1.txt") == "FollowerExit: 143"
+    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 3
+    assert _run_ranks(tmp_path, _resume_job, run_dir) == [0, 0]
+    assert _max_diff(_weights(run_dir), _weights(runs["two-local"])) == 0.0
+
+
+def _resume_job(run_dir: Path) -> None:
+    engine.train(resume=run_dir, progress=False)
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def _eval_job(out: Path) -> None:
@@ -295,3 +330,18 @@ def test_torchrun_starts_vitsam_train_with_one_bar_one_table_and_rank_0_files(tm
               and " 0% " in line]
     assert len(starts) == 1, out.stderr  # one bar (a log bar: its first line at 0%)
     assert {p.name for p in tmp_path.iterdir()} <= {"cache", "runs"}  # nothing else written
+
+
+def test_sync_batchnorm_is_for_several_processes_on_gpus():
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+
+    model = net()
+    assert Group().batchnorm(model, True, torch.device("cpu")) is model  # one process: as is
+    assert Group(0, 2).batchnorm(model, False, torch.device("cpu")) is model  # per rank: default
+    with pytest.raises(ConfigError, match=r"^train\.sync_batchnorm=true needs GPUs"):
+        Group(0, 2).batchnorm(model, True, torch.device("cpu"))
+    synced = Group(0, 2).batchnorm(net(), True, torch.device("cuda", 0))  # converted, not run
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm)
+    assert synced.state_dict().keys() == model.state_dict().keys()  # checkpoints load either way
+    assert apply_overrides(_cfg(Path("runs")), ["train.sync_batchnorm=true"]).train.sync_batchnorm
