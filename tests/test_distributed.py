@@ -345,3 +345,35 @@ def test_sync_batchnorm_is_for_several_processes_on_gpus():
     assert isinstance(synced[1], torch.nn.SyncBatchNorm)
     assert synced.state_dict().keys() == model.state_dict().keys()  # checkpoints load either way
     assert apply_overrides(_cfg(Path("runs")), ["train.sync_batchnorm=true"]).train.sync_batchnorm
+
+
+def test_each_rank_decodes_only_its_own_image_files(tmp_path, monkeypatch):
+    """ImageFolder data too large to cache: a rank opens only the files of its slice, and the
+    slices (Inception crops, flips) put together are the one-process batch."""
+    import numpy as np
+    from PIL import Image
+
+    from vitsam.data import lazy
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 1)):
+        for cls in ("a", "b"):
+            (tmp_path / "big" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(
+                    tmp_path / "big" / split / cls / f"{i}.png")
+    bundle = build_data(DataConfig(source="imagefolder", root=str(tmp_path / "big"), img_size=16,
+                                   workers=0, cache_dir=str(tmp_path / "c"), augment="basic"))
+    opened: list[str] = []
+    real = lazy.load_pil
+    monkeypatch.setattr(lazy, "load_pil", lambda path, mode: opened.append(path) or real(path, mode))
+    (x, y), = list(train_batches(bundle, 8, epoch=1, seed=3))
+    per_rank = []
+    parts = []
+    for rank in (0, 1):
+        opened.clear()
+        parts.append(list(train_batches(bundle, 8, epoch=1, seed=3, shard=(rank, 2)))[0])
+        per_rank.append(set(opened))
+    assert len(per_rank[0]) == len(per_rank[1]) == 4 and not per_rank[0] & per_rank[1]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
