@@ -44,6 +44,7 @@ def _cmd_presets(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import RunConfig, apply_overrides
     from .presets import get_preset
+    from .train.distributed import is_main_process
     from .train.engine import train
 
     if args.resume:
@@ -55,7 +56,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         cfg = get_preset(args.preset, smoke_size=args.smoke) if args.preset else RunConfig()
         cfg = apply_overrides(cfg, args.overrides)
         final = train(cfg, run_dir=args.run_dir, progress=not args.quiet)
-    _print_final([final])
+    if is_main_process():  # under torchrun, rank 0 alone prints
+        _print_final([final])
 
 
 def _print_final(finals: list[dict[str, Any]]) -> None:

@@ -62,6 +62,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars to <run>/tensorboard
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None = torch's default
+    sync_batchnorm: bool = False  # torchrun on GPUs: BatchNorm statistics over all processes
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,15 @@ Training batches are a pure function of (data, seed, epoch): a ``torch.Generator
 (seed, epoch) draws the shuffle order and one seed per batch, and each batch's augmentation draws
 come from its own generator, so a resumed run sees exactly the batches it would have seen (and can
 jump to batch k without computing the earlier ones); the global RNG is never used.
+
+Several processes (``shard=(rank, world)``, ``vitsam.train.distributed``): batch k of the epoch is
+the same global batch whatever the number of processes, and rank r reads and augments only its
+contiguous slice of it, rows ``[m * r // world, m * (r + 1) // world)`` of a batch of m images.
+Crops and flips are drawn for the whole global batch in ``augment_uint8``'s order and sliced, so
+with ``augment`` none or basic the slices of all ranks, put together, are exactly the batch one
+process sees. RandAugment and Mixup (``strong``) act on each slice with seeds drawn from the
+batch's generator and the slice's first row: Mixup pairs images within a process's slice, as
+data-parallel training on separate devices does.
 """
 from __future__ import annotations
 
@@ -15,7 +24,8 @@ import torch
 from torch import Tensor
 
 from . import lazy
-from .augment import AUGMENTS_WITH_CROP, augment_uint8, crop_padding, draw_seed, mixup
+from .augment import AUGMENTS_WITH_CROP, augment_uint8, crop_padding, draw_seed, hflip_where, mixup
+from .augment import pad_crop, rand_augment
 from .config import AUGMENTS
 from .errors import DataError
 from .preprocess import EVAL_CROP_FRACTION, IN_MEMORY_CROP_FRACTION, eval_view
@@ -67,6 +77,7 @@ def train_batches(
     augment: str | None = None,
     drop_last: bool = True,
     start_batch: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of shuffled, augmented training batches.
 
@@ -78,6 +89,8 @@ def train_batches(
 
     The epoch generator fixes the order and one seed per batch, so ``start_batch=k`` yields
     exactly the batches k, k+1, ... of the full epoch without computing the first k (resuming).
+    ``shard=(rank, world)``: only this process's slice of every batch (the module docstring);
+    ``batch_size`` stays the global batch.
     """
     augment = bundle.config.augment if augment is None else augment
     if augment not in AUGMENTS:
@@ -92,19 +105,22 @@ def train_batches(
     if not 0 <= start_batch <= len(starts):
         raise DataError(f"start_batch must be in [0, {len(starts)}] for this epoch, got {start_batch}")
     strong, crops = augment == "strong", augment in AUGMENTS_WITH_CROP
+    rank, world = _check_shard(shard)
+    spans = [(s, min(s + batch_size, stop)) for s in starts]  # global batch k: rows [a, b) of perm
+    part = [(a + (b - a) * rank // world, a + (b - a) * (rank + 1) // world) for a, b in spans]
 
     if isinstance(data, ImageFiles):
         sample_seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()
         order = perm.tolist()
-        batches = [[(order[i], sample_seeds[i]) for i in range(s, min(s + batch_size, stop))]
-                   for s in starts[start_batch:]]
+        batches = [[(order[i], sample_seeds[i]) for i in range(lo, hi)]
+                   for lo, hi in part[start_batch:]]
         tf = (lazy.train_transform(bundle.img_size) if crops
               else lazy.eval_transform(bundle.img_size, bundle.crop_pct))
         source = lazy.file_batches(data, batches, tf, bundle.img_size)
         pad = 0
     elif isinstance(data, ImageTensors):
-        source = ((data.images[perm[s:s + batch_size]], data.labels[perm[s:s + batch_size]])
-                  for s in starts[start_batch:])
+        source = ((data.images[perm[lo:hi]], data.labels[perm[lo:hi]])
+                  for lo, hi in part[start_batch:])
         pad = crop_padding(min(data.images.shape[-2:])) if crops else 0
     else:
         raise DataError(f"bundle.train must be ImageTensors or ImageFiles, got {type(data).__name__}")
@@ -113,11 +129,44 @@ def train_batches(
         bgen = torch.Generator().manual_seed(batch_seeds[b])
         x = xb.to(device, non_blocking=True)
         y = yb.to(device, non_blocking=True)
-        x = augment_uint8(x, bgen, pad=pad, hflip=crops and bundle.hflip, randaugment=strong)
+        flip = crops and bundle.hflip
+        if world == 1:
+            x = augment_uint8(x, bgen, pad=pad, hflip=flip, randaugment=strong)
+        else:
+            x = _augment_slice(x, bgen, spans[b], part[b], pad=pad, hflip=flip, randaugment=strong)
         x = normalise(x, bundle.mean, bundle.std, bundle.img_size)
         if strong:
-            x, y = mixup(x, y, bundle.num_classes, draw_seed(bgen))
+            seed = draw_seed(bgen)
+            x, y = mixup(x, y, bundle.num_classes, seed if world == 1 else _slice_seed(seed, part[b][0]))
         yield x, y
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    rank, world = (int(v) for v in shard)
+    if world < 1 or not 0 <= rank < world:
+        raise DataError(f"shard must be (rank, world) with 0 <= rank < world, got {tuple(shard)}")
+    return rank, world
+
+
+def _slice_seed(seed: int, first_row: int) -> int:
+    """A seed for one slice of a batch: the batch's seed hashed with the slice's first row."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, first_row]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(2))
+
+
+def _augment_slice(x: Tensor, gen: torch.Generator, batch: tuple[int, int], part: tuple[int, int],
+                   *, pad: int, hflip: bool, randaugment: bool) -> Tensor:
+    """``augment_uint8`` of rows ``part`` of the global batch ``batch`` (x holds only those rows):
+    the same draws, in the same order, for the whole batch, sliced; RandAugment per slice."""
+    (a, b), (lo, hi) = batch, part
+    rows = slice(lo - a, hi - a)
+    if pad > 0:
+        x = pad_crop(x, torch.randint(0, 2 * pad + 1, (b - a, 2), generator=gen)[rows], pad)
+    if hflip:
+        x = hflip_where(x, (torch.rand(b - a, generator=gen) < 0.5)[rows])
+    if randaugment:
+        x = rand_augment(x, _slice_seed(draw_seed(gen), lo))
+    return x
 
 
 def eval_batches(

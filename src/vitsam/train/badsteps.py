@@ -81,16 +81,17 @@ class BadSteps:
             group.update(hyper)
         at = first - 1
         name = step_name(at)
-        save_checkpoint(run_dir, name, tr.model, tr.spec, cfg_dict, at, at // tl.steps_per_epoch,
-                        tr.optimizer, _Saved(saved["scheduler"]),
-                        _Saved(saved["scaler"]) if saved["scaler"] is not None else None,
-                        extra={"wall_time_s": wall, "meter": saved["meter"]})
-        root = Path(run_dir) / "checkpoints"
-        for s, later in _own_step_checkpoints(root):
-            if s > at:
-                shutil.rmtree(root / later, ignore_errors=True)
-        if cfg.train.keep_checkpoints:
-            _prune_old(root, cfg.train.keep_checkpoints, protect=name)
+        if getattr(getattr(tr, "group", None), "is_main", True):  # one writer in a distributed run
+            save_checkpoint(run_dir, name, tr.model, tr.spec, cfg_dict, at, at // tl.steps_per_epoch,
+                            tr.optimizer, _Saved(saved["scheduler"]),
+                            _Saved(saved["scaler"]) if saved["scaler"] is not None else None,
+                            extra={"wall_time_s": wall, "meter": saved["meter"]})
+            root = Path(run_dir) / "checkpoints"
+            for s, later in _own_step_checkpoints(root):
+                if s > at:
+                    shutil.rmtree(root / later, ignore_errors=True)
+            if cfg.train.keep_checkpoints:
+                _prune_old(root, cfg.train.keep_checkpoints, protect=name)
         return NonFiniteError(_message(tr, run_dir, step, first, self.limit, name))
 
 

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -38,9 +38,10 @@ from ..optim.steps import StepConfig
 from ..optim.steps import train_step as optim_train_step
 from ..progress import progress_bar
 from . import runlock, signals
-from .badsteps import BadSteps, step_counts
+from .badsteps import BadSteps, NonFiniteError, step_counts
 from .checkpoint import CheckpointError, CheckpointWriteError, list_checkpoints, read_latest_good
 from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
+from .distributed import Group, processes, reported_by_main
 from .scalars import ScalarLog, check_tensorboard
 
 
@@ -226,16 +227,19 @@ class Trainer:
     criterion: nn.Module
     step_cfg: StepConfig
     device: torch.device
+    group: Group = field(default_factory=Group)  # this process's place in a distributed run
+    net: nn.Module | None = None  # what the steps drive: the model, under DDP across processes
     log: ScalarLog | None = None  # set once the run folder exists
     last_eval: tuple[int, dict[str, float]] | None = None  # (step, test metrics) of the last evaluation
 
     @classmethod
-    def build(cls, cfg: RunConfig) -> "Trainer":
+    def build(cls, cfg: RunConfig, group: Group | None = None) -> "Trainer":
         validate(cfg)
-        t = cfg.train
+        t, group = cfg.train, group or Group()
         if t.threads:
             torch.set_num_threads(t.threads)
-        device = pick_device(t.device)
+        device = group.place(pick_device(t.device), t.device)
+        group.per_rank_batch(t.batch_size)
         amp = autocast_dtype(t.precision, device)
         bundle = build_data(cfg.data)
         timeline = Timeline.from_config(t, steps_per_epoch(bundle, t.batch_size))
@@ -245,6 +249,8 @@ class Trainer:
         model = create_model(spec["name"], spec["num_classes"], spec["img_size"],
                              spec["in_chans"], **spec["kwargs"]).to(device)
         check_forward(model, spec["name"], spec["num_classes"], spec["img_size"], spec["in_chans"])
+        model = group.batchnorm(model, t.sync_batchnorm, device)
+        group.seed_ranks(t.seed)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, timeline.total_steps, timeline.warmup_steps,
                                     t.decay)
@@ -253,12 +259,29 @@ class Trainer:
                               autocast_dtype=amp, reuse_randomness=cfg.optim.reuse_randomness,
                               sync_perturbation=cfg.optim.sync_perturbation)
         return cls(cfg, bundle, timeline, spec, model, optimizer, scheduler, scaler,
-                   nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), step_cfg, device)
+                   nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), step_cfg, device,
+                   group, group.wrap(model, device))
 
     def test_batches(self, split: Any = None) -> Any:
         b = self.bundle
         return eval_batches(b.test if split is None else split, 256, b.mean, b.std, b.img_size,
                             self.device)
+
+    def evaluate(self, split: Any = None) -> dict[str, Any]:
+        """Top-1/top-5/ECE/NLL on ``split`` (default: the test split), shared among processes."""
+        split = self.bundle.test if split is None else split
+        if not self.group.active:
+            return evaluate(self.model, self.test_batches(split), self.device)
+        return self.group.evaluate(self.model, split, self.test_batches, self.device)
+
+    def checkpoint(self, run_dir: Path, step: int, extra: dict[str, Any],
+                   cfg_dict: dict[str, Any]) -> None:
+        """The periodic checkpoint after ``step`` (written by rank 0 only)."""
+        extra = {**extra, **self.group.checkpoint_extra(step, self.cfg.train.batch_size)}
+        if self.group.is_main:
+            save_checkpoint(run_dir, step_name(step), self.model, self.spec, cfg_dict, step,
+                            step // self.timeline.steps_per_epoch, self.optimizer, self.scheduler,
+                            self.scaler, keep=self.cfg.train.keep_checkpoints, extra=extra)
 
 
 def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
@@ -266,16 +289,30 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
     """Train a run (or continue ``resume``, a run folder) and return its ``final.json`` record.
 
     One process at a time trains in a run folder (``runlock``); SIGINT and SIGTERM stop the
-    loop after a checkpoint (``signals``).
+    loop after a checkpoint (``signals``). Under torchrun, every process calls this; rank 0
+    chooses and holds the folder (``vitsam.train.distributed``).
     """
     if resume is not None:
         run_dir = Path(resume)
-        cfg = _saved_config(run_dir)  # its refusals write nothing, not even a lock file
-        with runlock.hold(run_dir):
-            return _train(cfg, run_dir, resume, progress)
+        with reported_by_main(ValueError):
+            cfg = _saved_config(run_dir)  # its refusals write nothing, not even a lock file
     if cfg is None:
         raise ValueError("train() needs a config or a run folder to resume")
     validate(cfg)  # before any folder is made: a bad name could even point outside out_dir
+    with processes(pick_device(cfg.train.device).type == "cuda") as group:
+        if not group.is_main:
+            with reported_by_main(ConfigError, signals.Interrupted, NonFiniteError):
+                return _train(cfg, group.share_folder(None), resume, False, group)
+        return _train_main(cfg, run_dir, resume, progress, group)
+
+
+def _train_main(cfg: RunConfig, run_dir: str | Path | None, resume: str | Path | None,
+                progress: bool, group: Group) -> dict[str, Any]:
+    """``train`` in the process that owns the run folder."""
+    if resume is not None:
+        run_dir = Path(resume)
+        with runlock.hold(run_dir):
+            return _train(cfg, run_dir, resume, progress, group)
     if run_dir is None:
         run_dir, made = new_run_dir(cfg), True
     else:
@@ -285,31 +322,37 @@ def train(cfg: RunConfig | None = None, run_dir: str | Path | None = None,
         run_dir.mkdir(parents=True, exist_ok=True)
     with runlock.hold(run_dir, remove_if_unused=made):
         _check_fresh(run_dir)  # again, holding the folder: no other process writes there now
-        return _train(cfg, run_dir, None, progress)
+        return _train(cfg, run_dir, None, progress, group)
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: str | Path | None,
-           progress: bool) -> dict[str, Any]:
-    """``train`` in the folder it holds."""
+           progress: bool, group: Group) -> dict[str, Any]:
+    """``train`` in the folder it holds (rank 0) or that rank 0 holds (the others)."""
+    if group.is_main:
+        group.share_folder(run_dir)
+    main = group.is_main
     if resume is None and cfg.data.root:
         # The saved config must find the data from any working directory (eval, analyze).
         root = str(Path(cfg.data.root).expanduser().resolve())
         cfg = replace(cfg, data=replace(cfg.data, root=root))
     if cfg.train.tensorboard:
         check_tensorboard()
-    tr = Trainer.build(cfg)
+    tr = Trainer.build(cfg, group) if group.active else Trainer.build(cfg)
     tl, cfg_dict = tr.timeline, to_dict(cfg)
-    if resume is None:  # first: a folder with config.json can always be resumed
+    if resume is None and main:  # first: a folder with config.json can always be resumed
         atomic_write_json(run_dir / "config.json", cfg_dict)
-    save_data_record(run_dir, tr.bundle)  # data.json: the mean/std and preprocessing eval feeds the model with
+    if main:  # data.json: the mean/std and preprocessing eval feeds the model with
+        save_data_record(run_dir, tr.bundle)
     metrics_path = run_dir / "metrics.jsonl"
     step, wall_before, meter = 0, 0.0, _Meter()
     if resume is not None:
         step, wall_before = _restore(run_dir, tr, metrics_path, meter)
-    tr.log = ScalarLog(run_dir, cfg.train.tensorboard, purge_step=step if resume else None)
+    tr.log = ScalarLog(run_dir, cfg.train.tensorboard, purge_step=step if resume else None,
+                       enabled=main)
     t0 = time.perf_counter() - wall_before
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
-            not any(r.get("step") == step and "test_acc" in r for r in read_jsonl(metrics_path)):
+            not group.agree(main and any(r.get("step") == step and "test_acc" in r
+                                         for r in read_jsonl(metrics_path))):
         _evaluate_into(metrics_path, tr, step)  # interrupted between checkpoint and evaluation
     bar = progress_bar(total=tl.total_steps, initial=step, disable=not progress, unit="step",
                        desc=cfg.name, dynamic_ncols=True)
@@ -343,10 +386,12 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
         epoch, skip = divmod(step, tl.steps_per_epoch)
         # Resuming mid-epoch skips the batches already seen (the epoch's order is seeded).
         for x, y in train_batches(tr.bundle, cfg.train.batch_size, epoch=epoch,
-                                  seed=cfg.train.seed, device=tr.device, start_batch=skip):
+                                  seed=cfg.train.seed, device=tr.device, start_batch=skip,
+                                  shard=(tr.group.rank, tr.group.world)):
             bad.before_step(tr, meter)
-            out = train_step(tr.model, tr.criterion, x, y, tr.optimizer, tr.scheduler, tr.scaler,
+            out = train_step(tr.net, tr.criterion, x, y, tr.optimizer, tr.scheduler, tr.scaler,
                              tr.step_cfg)
+            out = tr.group.reduce_step(out)  # the global batch's numbers, in every process
             meter.add(out)
             step += 1
             bar.update(1)
@@ -362,11 +407,8 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
             # Checkpoint before evaluating: a failure or an interruption during evaluation
             # then costs no training (the resumed run evaluates that step again).
             if is_time(step, tl.ckpt_every, tl.total_steps) or signals.requested():
-                save_checkpoint(run_dir, step_name(step), tr.model, tr.spec, cfg_dict, step,
-                                step // tl.steps_per_epoch, tr.optimizer, tr.scheduler,
-                                tr.scaler, keep=cfg.train.keep_checkpoints,
-                                extra={"wall_time_s": time.perf_counter() - t0,
-                                       "meter": meter.state()})
+                tr.checkpoint(run_dir, step, {"wall_time_s": time.perf_counter() - t0,
+                                              "meter": meter.state()}, cfg_dict)
             signals.stop_if_requested(run_dir, step, step_name(step))
             if is_time(step, tl.eval_every, tl.total_steps):
                 _evaluate_into(metrics_path, tr, step)
@@ -379,7 +421,7 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
 def _evaluate_into(metrics_path: Path, tr: Trainer, step: int) -> None:
     """Test loss and accuracy at ``step``, appended to the metrics log."""
     faults.point("eval")
-    ev = evaluate(tr.model, tr.test_batches(), tr.device)
+    ev = tr.evaluate()
     tr.last_eval = (step, ev)
     tr.log.write({"step": step, "epoch": step / tr.timeline.steps_per_epoch,
                   "test_loss": ev["nll"], "test_acc": ev["top1"]})
@@ -432,7 +474,7 @@ def _restore(run_dir: Path, tr: Trainer, metrics_path: Path, meter: _Meter) -> t
     ckpts = run_dir / "checkpoints"
     if any(p.is_dir() and not p.name.startswith(".") for p in ckpts.glob("*")):
         ckpt, state, weights, opt_tensors, problems = read_latest_good(run_dir)
-        if problems:
+        if problems and tr.group.is_main:
             print(f"vitsam: warning: {'; '.join(problems)}; resuming from {ckpt.name} instead",
                   file=sys.stderr)
         tr.model.load_state_dict(weights)
@@ -442,10 +484,11 @@ def _restore(run_dir: Path, tr: Trainer, metrics_path: Path, meter: _Meter) -> t
             tr.scaler.load_state_dict(unflatten_state(state["scaler"], opt_tensors))
         set_rng_state(state["rng"])
         step = int(state["step"])
+        tr.group.restore_rng(state.get("extra", {}), tr.cfg.train.seed, step)
         wall = float(state.get("extra", {}).get("wall_time_s", 0.0))
         if "meter" in state.get("extra", {}):
             meter.load(state["extra"]["meter"])
-    if metrics_path.exists():  # keep the interrupted log, but continue a clean one
+    if metrics_path.exists() and tr.group.is_main:  # keep the interrupted log, but continue a clean one
         records = list(read_jsonl(metrics_path))
         k = 0
         while (aside := run_dir / f"metrics.pre-resume-{k}.jsonl").exists():
@@ -464,11 +507,10 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
     cfg = tr.cfg
     faults.point("finish")
     # The loop's evaluation at the last step saw these very weights: not a second pass.
-    test = tr.last_eval[1] if tr.last_eval and tr.last_eval[0] == step else \
-        evaluate(tr.model, tr.test_batches(), tr.device)
-    sub = random_subset(tr.bundle.train, cfg.train.train_eval_samples, cfg.train.seed)
-    train_acc = evaluate(tr.model, tr.test_batches(sub), tr.device)
-    records = list(read_jsonl(metrics_path))
+    test = tr.last_eval[1] if tr.last_eval and tr.last_eval[0] == step else tr.evaluate()
+    train_acc = tr.evaluate(random_subset(tr.bundle.train, cfg.train.train_eval_samples,
+                                          cfg.train.seed))
+    records = list(read_jsonl(metrics_path)) if tr.group.is_main else []
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
              "params": count_params(tr.model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
              "steps": step, "epochs": step / tr.timeline.steps_per_epoch,
@@ -476,8 +518,9 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
              "test_ece": test["ece"], "train_acc": train_acc["top1"],
              "wall_time_s": wall,
              "train_images_per_s": overall_rate(records), **step_counts(records),
-             "device": str(tr.device)}
-    atomic_write_json(run_dir / "final.json", final)
+             "device": str(tr.device), "processes": tr.group.world}
+    if tr.group.is_main:
+        atomic_write_json(run_dir / "final.json", final)
     return final
 
 

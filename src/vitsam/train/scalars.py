@@ -30,12 +30,14 @@ class ScalarLog:
     """Appends records to ``metrics.jsonl``; mirrors them to TensorBoard when enabled."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = False,
-                 purge_step: int | None = None) -> None:
+                 purge_step: int | None = None, enabled: bool = True) -> None:
         """``purge_step``: on resume, TensorBoard drops its events from that step on (they are
-        logged again), as the JSON log does."""
+        logged again), as the JSON log does. ``enabled=False`` writes nothing (the processes of
+        a distributed run other than rank 0)."""
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
-        if tensorboard:
+        self.enabled = enabled
+        if tensorboard and enabled:
             check_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
 
@@ -44,6 +46,8 @@ class ScalarLog:
 
     def write(self, rec: dict[str, Any]) -> None:
         """One record (must hold ``step``) to the JSON log and, if enabled, TensorBoard."""
+        if not self.enabled:
+            return
         append_jsonl(self.path, rec)
         if self.writer is None:
             return

@@ -88,6 +88,19 @@ def requested() -> bool:
     return _received is not None
 
 
+def received() -> int | None:
+    """The signal that asked the run to stop, or None."""
+    return _received
+
+
+def mark(signum: int) -> None:
+    """Stop as if ``signum`` had arrived here: another process of the same run received it
+    (``vitsam.train.distributed``), and all of them stop after the same step."""
+    global _received
+    if _received is None:
+        _received = signum
+
+
 def stop_if_requested(run_dir: str | Path, step: int, checkpoint: str) -> None:
     """Raise ``Interrupted`` if a signal asked to stop (the checkpoint of ``step`` is written)."""
     if _received is None:
