@@ -282,3 +282,59 @@ def test_eval_data_is_scored_in_the_runs_class_order(tmp_path, monkeypatch):
     rec_path.write_text(json.dumps({**rec, "classes": ["b", "z"]}))
     with pytest.raises(ValueError, match="names classes the run was not trained on"):
         runner.evaluate_run(tmp_path / "run", req, progress=False)
+
+
+# ---------------------------------------------------------------- bad files in evaluation folders
+
+def _broken_copy(val: Path, root: Path) -> list[str]:
+    """A copy of ``val`` in ``root`` with two unreadable files (empty, truncated JPEG) and a
+    broken link beside the good images."""
+    import io as _io
+    import shutil
+
+    shutil.copytree(val, root)
+    buf = _io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "a" / "zero.jpg").write_bytes(b"")
+    (root / "b" / "trunc.jpg").write_bytes(buf.getvalue()[:-400])
+    (root / "b" / "gone.png").symlink_to(root / "nowhere.png")
+    return ["a/zero.jpg", "b/gone.png", "b/trunc.jpg"]
+
+
+@pytest.mark.parametrize("route", ["--folder", "--mapped-folder", "--real-images"])
+def test_eval_folders_name_every_bad_file_at_once_or_skip_them(tmp_path, monkeypatch, capsys, route):
+    from vitsam.cli import main
+
+    values = {"a": {"0.png": 10, "1.png": 11}, "b": {"0.png": 20, "1.png": 21}}
+    _flat_folder(tmp_path / "d", values)
+    table = torch.zeros(256, 2)
+    table[[10, 11], 0] = table[[20, 21], 1] = 1.0
+    cfg = DataConfig(source="imagefolder", root=str(tmp_path / "d"), cache_dir=str(tmp_path / "c"))
+    _fake_run(monkeypatch, tmp_path / "run", cfg, 6, table)
+    val = tmp_path / "shifted"  # the run's own test split stays whole
+    bad = _broken_copy(tmp_path / "d" / "val", val)
+    (tmp_path / "map.json").write_text(json.dumps({"a": "a", "b": "b"}))
+    real = {f"{c}/{n}": [0 if c == "a" else 1] for c, files in values.items() for n in files}
+    (tmp_path / "real.json").write_text(json.dumps({**real, **{b: [0] for b in bad}}))
+    extra = {"--folder": ["--folder", str(val)],
+             "--mapped-folder": ["--mapped-folder", str(val), "--mapping", str(tmp_path / "map.json")],
+             "--real-images": ["--real", str(tmp_path / "real.json"), "--real-images", str(val)]}[route]
+    argv = ["eval", str(tmp_path / "run"), "--quiet", *extra]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"vitsam: error: cannot decode 3 of 7 image files in {val}: ")
+    assert "a/zero.jpg (empty file (0 bytes))" in err and "b/trunc.jpg (image file is truncated" in err
+    assert "b/gone.png (broken symbolic link" in err and "pass --bad-files skip to evaluate without them" in err
+    kind = route[2:]
+    listed = tmp_path / "run" / f"eval-bad-files-{kind}.txt"
+    assert [ln.split("\t")[0] for ln in listed.read_text().splitlines()[1:]] == bad
+    assert not (tmp_path / "run" / "eval.json").exists()
+    # Skipped: the good images are scored (all right), the bad ones counted and listed.
+    assert main([*argv, "--bad-files", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert "vitsam: warning: --bad-files skip leaves out the 3 of 7 image files" in err
+    key = {"folder": "folder", "mapped-folder": "class_mapped", "real-images": "real"}[kind]
+    res = json.loads((tmp_path / "run" / "eval.json").read_text())[key]
+    assert res["top1"] == 1.0 and res["n"] == 4 and res["skipped_files"] == 3
+    assert res["bad_files_list"] == str(listed)

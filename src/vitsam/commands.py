@@ -147,6 +147,10 @@ def _add_eval(sub: Any) -> None:
                                                   "to the test folder: [labels]}, or a list in "
                                                   "file-name order")
     s.add_argument("--real-images", metavar="DIR", help="images the --real labels refer to")
+    s.add_argument("--bad-files", choices=("error", "skip"),
+                   help="image files of --folder, --mapped-folder, --real-images (and --data) that "
+                        "cannot be decoded: stop naming them all (error), or leave them out and "
+                        "count them (skip); default: the run's data.bad_files")
     s.add_argument("--throughput", action="store_true", help="inference and training images/s")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--device", default="cpu")
@@ -170,7 +174,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     check_device(args.device)
     req = EvalRequest(args.data, args.root, args.corruptions, args.folder, args.mapped_folder,
                       args.mapping, args.real, args.real_images, args.throughput,
-                      args.batch_size, args.device, args.checkpoint)
+                      args.batch_size, args.device, args.checkpoint, args.bad_files)
     results = {run: evaluate_run(run, req, progress=not args.quiet) for run in args.runs}
     report(results, req, args.baseline, args.out, progress=not args.quiet)
     for run in args.runs:

@@ -16,6 +16,11 @@ the check costs one pass per version of the folder. Then ``data.bad_files`` deci
 their reasons and a text file listing all of them; ``skip`` leaves them out with a one-line
 warning, and the run folder lists them (``bad_files.txt``, counted in ``data.json``:
 ``vitsam.data.record``).
+
+Evaluation folders (``vitsam eval --folder / --mapped-folder / --real-images``) get the same two
+passes (``check_files``) before anything is scored, and the same choice (``--bad-files``, by
+default the run's own ``data.bad_files``): every bad file named in one error, or left out and
+counted in the results.
 """
 from __future__ import annotations
 
@@ -94,11 +99,14 @@ def relative(path: str, root: Path) -> str:
         return str(path)
 
 
-def write_list(path: str | Path, bad: Sequence[tuple[str, str]], root: str | Path, policy: str) -> Path:
-    """A text file listing ``bad`` ((path relative to ``root``, reason) pairs), one per line."""
+def write_list(path: str | Path, bad: Sequence[tuple[str, str]], root: str | Path, policy: str,
+               what: str | None = None) -> Path:
+    """A text file listing ``bad`` ((path relative to ``root``, reason) pairs), one per line;
+    ``what``: what becomes of them, for the header line."""
     from ..io import atomic_write_bytes
 
-    what = "left out (data.bad_files=skip)" if policy == "skip" else "that stop the run (data.bad_files=error)"
+    what = what or ("left out (data.bad_files=skip)" if policy == "skip"
+                    else "that stop the run (data.bad_files=error)")
     lines = [f"# {len(bad)} unreadable image files in {root}, {what}: path<TAB>reason"]
     lines += [f"{p}\t{r}" for p, r in bad]
     path = Path(path)
@@ -106,20 +114,42 @@ def write_list(path: str | Path, bad: Sequence[tuple[str, str]], root: str | Pat
     return path
 
 
+def check_files(paths: Sequence[str], mode: str, progress: bool | None = None) -> dict[int, str]:
+    """Both passes (headers, then a full decode at reduced JPEG scale) over files that are
+    decoded later, one batch at a time; index -> reason for the bad ones."""
+    _, bad = probe_all(paths, progress)
+    good = [i for i in range(len(paths)) if i not in bad]
+    found = verify_all([paths[i] for i in good], mode, progress)
+    bad.update({good[j]: why for j, why in found.items()})
+    return bad
+
+
 def enforce(bad: Sequence[tuple[str, str]], total: int, root: Path, policy: str,
-            list_path: Path) -> None:
-    """Apply ``data.bad_files`` to the bad files of a folder (see the module docstring)."""
+            list_path: Path | None, doing: str = "train",
+            skip_with: str = "set data.bad_files=skip", skipping: str = "data.bad_files=skip",
+            recorded: str = f" (and in {LIST_FILE} of the run folder)") -> None:
+    """Apply ``data.bad_files`` to the bad files of a folder (see the module docstring).
+
+    The other arguments word the messages for the caller: what the files are read for
+    (``doing``), how to skip them (``skip_with``), the setting that skipped them (``skipping``)
+    and where a skip is recorded (``recorded``). ``list_path``: where the full list goes (None:
+    the messages name the first files only).
+    """
     if not bad:
         return
-    write_list(list_path, bad, root, policy)
+    listed = ""
+    if list_path is not None:
+        what = None if doing == "train" else (f"left out ({skipping})" if policy == "skip"
+                                              else "that stop it: remove or replace them")
+        write_list(list_path, bad, root, policy, what)
+        listed = f"; full list in {list_path}"
     shown = ", ".join(f"{p} ({r})" for p, r in bad[:SHOWN])
     more = f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
-    files = f"{len(bad)} of {total} image files in {root}: {shown}{more}; full list in {list_path}"
+    files = f"{len(bad)} of {total} image files in {root}: {shown}{more}{listed}"
     if policy == "error":
-        raise DataError(f"cannot decode {files}; remove or replace the files, or set "
-                        "data.bad_files=skip to train without them") from None
-    print(f"vitsam: warning: data.bad_files=skip leaves out the {files} (and in {LIST_FILE} of "
-          "the run folder)", file=sys.stderr)
+        raise DataError(f"cannot decode {files}; remove or replace the files, or {skip_with} to "
+                        f"{doing} without them") from None
+    print(f"vitsam: warning: {skipping} leaves out the {files}{recorded}", file=sys.stderr)
 
 
 def warn_ignored(ignored: Sequence[str], root: Path) -> None:

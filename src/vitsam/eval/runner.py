@@ -47,12 +47,32 @@ class EvalRequest:
     batch_size: int = 256
     device: str = "cpu"
     checkpoint: str = "last"
+    bad_files: str | None = None  # error | skip; None: the run's own data.bad_files
 
 
 def _data_config(run: Any, req: EvalRequest) -> DataConfig:
     cfg = run.data_config()
+    if req.bad_files is not None:
+        cfg = replace(cfg, bad_files=req.bad_files)
     # Only the test split of another source is used: the run's training subset does not apply.
     return replace(cfg, source=req.data, root=req.root, train_fraction=1.0) if req.data else cfg
+
+
+def _bad_files(run_dir: Path, req: EvalRequest, policy: str, kind: str) -> Any:
+    """How an evaluation folder's unreadable files are handled (``shifts.BadFiles``): as
+    ``--bad-files`` says, else as the run's ``data.bad_files``; the full list goes into the run
+    folder as ``eval-bad-files-<kind>.txt``."""
+    from .shifts import BadFiles
+
+    return BadFiles(policy, run_dir / f"eval-bad-files-{kind}.txt", "pass --bad-files skip",
+                    "--bad-files skip" if req.bad_files else "the run's data.bad_files=skip")
+
+
+def _listed(entry: dict[str, Any], how: Any) -> dict[str, Any]:
+    """``entry`` with the list of the files it left out, when it left any out."""
+    if entry.get("skipped_files"):
+        entry["bad_files_list"] = str(how.list_path)
+    return entry
 
 
 def _warn(msg: str) -> None:
@@ -109,7 +129,8 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
 
     run = load_run(run_dir, req.checkpoint, device=req.device)
     spec, model = run.model_spec, run.model
-    bundle = build_data(_data_config(run, req))
+    dcfg = _data_config(run, req)
+    bundle = build_data(dcfg)
     if bundle.num_classes != spec["num_classes"]:
         raise ValueError(f"--data has {bundle.num_classes} classes but the model predicts "
                          f"{spec['num_classes']}; evaluate on data with the training classes")
@@ -138,14 +159,19 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
             req.device, progress=progress, crop_pct=crop_pct)
         out["corruptions"]["set_dir"] = str(Path(req.corruptions).resolve())
     if req.folder:
-        out["folder"] = shifts.evaluate_folder(model, req.folder, bundle.classes, **shift_kw)
+        how = _bad_files(Path(run_dir), req, dcfg.bad_files, "folder")
+        out["folder"] = _listed(shifts.evaluate_folder(model, req.folder, bundle.classes,
+                                                       bad_files=how, **shift_kw), how)
     if req.mapped_folder:
-        out["class_mapped"] = shifts.evaluate_class_mapped(model, req.mapped_folder, req.mapping,
-                                                           bundle.classes, **shift_kw)
+        how = _bad_files(Path(run_dir), req, dcfg.bad_files, "mapped-folder")
+        out["class_mapped"] = _listed(shifts.evaluate_class_mapped(
+            model, req.mapped_folder, req.mapping, bundle.classes, bad_files=how, **shift_kw), how)
     if req.real:
         # Without --real-images: the test split itself, whose ids are the same relative paths.
         source: Any = req.real_images if req.real_images is not None else bundle.test
-        out["real"] = shifts.evaluate_real_labels(model, source, req.real, **shift_kw)
+        how = _bad_files(Path(run_dir), req, dcfg.bad_files, "real-images")
+        out["real"] = _listed(shifts.evaluate_real_labels(model, source, req.real, bad_files=how,
+                                                          **shift_kw), how)
     if req.throughput:
         from ..optim.factory import OptimConfig
 
@@ -184,8 +210,10 @@ def report(results: dict[str, dict[str, Any]], req: EvalRequest, baseline: str |
         for run, r in results.items():
             if key in r:
                 top5 = r[key].get("top5")
+                left = r[key].get("skipped_files")
                 print(f"{label}: {Path(run).name}: top-1 {r[key]['top1'] * 100:.2f}%"
-                      + (f", top-5 {top5 * 100:.2f}%" if top5 is not None else ""))
+                      + (f", top-5 {top5 * 100:.2f}%" if top5 is not None else "")
+                      + (f" ({left} unreadable files left out)" if left else ""))
     for run, r in results.items():
         if "throughput" in r:
             inf, tr = r["throughput"]["inference"], r["throughput"]["training"]

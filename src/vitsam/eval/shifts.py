@@ -20,7 +20,11 @@ Every image, file or tensor, goes through the run's one preprocessing
 (``vitsam.data.preprocess.eval_view`` with the run's ``crop_pct``: images already at ``img_size``
 as they are, others resized so the shorter side is ``img_size / crop_pct`` and centre-cropped), and
 files are decoded as the data layer decodes them (``vitsam.data.decode``, 16-bit greyscale
-rescaled). A file Pillow cannot read raises a one-line ValueError naming it.
+rescaled). Before anything is scored, every file of a folder is checked as training checks its
+folders (``vitsam.data.scan.check_files``): with ``bad_files="error"`` one ``DataError`` names
+every bad file (the count, the first few, the full list in ``bad_files_list``); with ``"skip"``
+they are left out, with a warning, and counted in the result (``skipped_files``). Broken
+symbolic links with an image extension are bad files, as in training.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import scan
 from ..data.decode import IMAGE_EXTENSIONS, load_array
+from ..data.errors import DataError
 from ..data.preprocess import eval_view
 from ..data.tensors import ImageFiles, ImageTensors
 from ..io import read_json
@@ -50,7 +57,9 @@ RealSource = str | Path | torch.Tensor | ImageTensors | ImageFiles
 # ---------------------------------------------------------------- reading
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    """An image file by name, or a broken link named like one (a bad file, not a missing one)."""
+    return (p.is_file() or (p.is_symlink() and not p.exists())) \
+        and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
 def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
@@ -110,6 +119,43 @@ def _path_batches(paths: Sequence[Path], batch_size: int, img_size: int, in_chan
             chunk = paths[a:a + batch_size]
             arrs = list(pool.map(lambda p: decode_for_eval(p, img_size, in_chans, crop_pct), chunk))
             yield torch.from_numpy(np.stack(arrs)), torch.arange(a, a + len(chunk))
+
+
+@dataclass(frozen=True)
+class BadFiles:
+    """What an evaluator does with files of a folder that do not decode (``screen_files``):
+    ``policy`` "error" (one error naming them all) or "skip" (left out, counted); the full list
+    goes to ``list_path`` (if given); ``skip_with`` (how to skip them) and ``skipping`` (the
+    setting that did) word the messages."""
+
+    policy: str = "error"
+    list_path: str | Path | None = None
+    skip_with: str = "pass bad_files='skip'"
+    skipping: str = "bad_files='skip'"
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("error", "skip"):
+            raise ValueError(f"bad_files must be one of error, skip, got {self.policy!r}")
+
+
+def screen_files(paths: Sequence[Path], root: str | Path, in_chans: int,
+                 bad_files: str | BadFiles = "error", progress: bool = True) -> list[int]:
+    """Indices of the files of ``paths`` (under ``root``) that decode, after every one was
+    checked (``scan.check_files``); the bad ones raise one ``DataError`` or are left out, as
+    ``bad_files`` says (``scan.enforce``)."""
+    how = bad_files if isinstance(bad_files, BadFiles) else BadFiles(bad_files)
+    found = scan.check_files([str(p) for p in paths], "L" if in_chans == 1 else "RGB",
+                             None if progress else False)
+    root = Path(root)
+    bad = [(scan.relative(str(paths[i]), root), why) for i, why in sorted(found.items())]
+    if bad and len(bad) == len(paths):
+        shown = ", ".join(f"{p} ({r})" for p, r in bad[:scan.SHOWN])
+        raise DataError(f"none of the {len(paths)} image files in {root} can be read ({shown}); "
+                        "check that this is the right folder")
+    scan.enforce(bad, len(paths), root, how.policy,
+                 None if how.list_path is None else Path(how.list_path), doing="evaluate",
+                 skip_with=how.skip_with, skipping=how.skipping, recorded=" (counted in the results)")
+    return [i for i in range(len(paths)) if i not in found]
 
 
 def _tensor_batches(images: torch.Tensor, positions: torch.Tensor,
@@ -188,6 +234,7 @@ def evaluate_class_mapped(
     crop_pct: float = 1.0,
     workers: int = 4,
     progress: bool = True,
+    bad_files: str | BadFiles = "error",
 ) -> dict[str, Any]:
     """Top-1, top-5, ECE, NLL on images whose classes map onto training classes.
 
@@ -196,7 +243,8 @@ def evaluate_class_mapped(
     integers). ``mapping``: dict or JSON file ``{source class: training class name or index}``;
     every source class with images must be mapped. ``restrict=True`` scores only the training
     classes the mapping names, all of them, also those without images here (logits of the other
-    classes are dropped before argmax and softmax).
+    classes are dropped before argmax and softmax). ``bad_files``: what to do with folder files
+    that do not decode (``screen_files``); those left out are counted in ``skipped_files``.
     """
     _check_common(img_size, batch_size, in_chans, crop_pct)
     mapping = _load_json(mapping, "class mapping")
@@ -229,6 +277,11 @@ def evaluate_class_mapped(
             target_of[i] = _train_index(mapping[name], train_classes, name)
     # Every mapped training class competes, not only those with images in this folder.
     scored = sorted({_train_index(v, train_classes, k) for k, v in mapping.items()})
+    skipped = 0
+    if images is None:  # every file checked before any is scored (the settings above are cheap)
+        good = screen_files(paths, source, in_chans, bad_files, progress)
+        skipped = len(paths) - len(good)
+        paths, labels = [paths[i] for i in good], labels[good]
     total = labels.numel()
     batches = (_path_batches(paths, batch_size, img_size, in_chans, crop_pct, workers) if images is None
                else _tensor_batches(images, torch.arange(total), batch_size))
@@ -248,7 +301,8 @@ def evaluate_class_mapped(
                 acc.update(logits, target)
                 bar.update(pos.numel())
     out: dict[str, Any] = {"kind": "class_mapped", **acc.result(), "restricted": restrict,
-                           "n_classes_scored": len(scored) if restrict else None}
+                           "n_classes_scored": len(scored) if restrict else None,
+                           "skipped_files": skipped}
     out["settings"] = _settings(source, img_size, batch_size, mean, std, crop_pct)
     return out
 
@@ -268,6 +322,7 @@ def evaluate_folder(
     crop_pct: float = 1.0,
     workers: int = 4,
     progress: bool = True,
+    bad_files: str | BadFiles = "error",
 ) -> dict[str, Any]:
     """Top-1, top-5, ECE, NLL on a second test set of the training classes (ImageNet-V2 style).
 
@@ -289,7 +344,7 @@ def evaluate_folder(
     out = evaluate_class_mapped(model, source, {n: n for n in names}, train_classes, mean=mean, std=std,
                                 img_size=img_size, source_classes=source_classes, restrict=False,
                                 batch_size=batch_size, device=device, in_chans=in_chans, crop_pct=crop_pct,
-                                workers=workers, progress=progress)
+                                workers=workers, progress=progress, bad_files=bad_files)
     out["kind"] = "test_folder"
     return out
 
@@ -422,6 +477,7 @@ def evaluate_real_labels(
     crop_pct: float = 1.0,
     workers: int = 4,
     progress: bool = True,
+    bad_files: str | BadFiles = "error",
 ) -> dict[str, Any]:
     """Multi-label ("ReaL") top-1 and top-5: right if the prediction is in the image's label set.
 
@@ -430,6 +486,8 @@ def evaluate_real_labels(
     same relative paths), or uint8 images (N, C, H, W) (ids ``image_ids`` or "0".."N-1").
     ``real_labels``: JSON object or list, matched as ``real_label_sets`` says. Images with an
     empty label set are skipped (counted in ``n_skipped``). ECE is None (undefined for sets).
+    ``bad_files``: what to do with folder files that do not decode (``screen_files``); labels
+    are still matched against every file, and those left out are counted in ``skipped_files``.
     """
     _check_common(img_size, batch_size, in_chans, crop_pct)
     real = _load_json(real_labels, "ReaL labels")
@@ -441,9 +499,13 @@ def evaluate_real_labels(
         label_sets = [sorted({int(c) for c in s}) for s in sets]
     except (TypeError, ValueError):
         raise ValueError("every ReaL label set must be a list of integer class indices") from None
-    keep = torch.tensor([i for i, s in enumerate(label_sets) if s], dtype=torch.long)
+    readable = set(range(len(ids)))
+    if paths is not None and isinstance(source, (str, Path)):  # a data split was checked when built
+        readable = set(screen_files(paths, source, in_chans, bad_files, progress))
+    keep = torch.tensor([i for i, s in enumerate(label_sets) if s and i in readable], dtype=torch.long)
     if keep.numel() == 0:
-        raise ValueError("every image has an empty ReaL label set; nothing to score")
+        which = "image" if len(readable) == len(ids) else "image that can be read"
+        raise ValueError(f"every {which} has an empty ReaL label set; nothing to score")
     batches = (_path_batches([paths[int(i)] for i in keep], batch_size, img_size, in_chans, crop_pct, workers)
                if images is None else _tensor_batches(images, keep, batch_size))
     top1 = top5 = 0.0
@@ -465,5 +527,6 @@ def evaluate_real_labels(
                 n += logits.shape[0]
                 bar.update(pos.numel())
     where = source if isinstance(source, (str, Path)) else "tensors"
+    unread = len(ids) - len(readable)
     return {"kind": "real_labels", "top1": top1 / n, "top5": top5 / n, "ece": None, "n": n,
-            "n_skipped": len(ids) - n, "settings": _settings(where, img_size, batch_size, mean, std, crop_pct)}
+            "n_skipped": len(ids) - unread - n, "skipped_files": unread, "settings": _settings(where, img_size, batch_size, mean, std, crop_pct)}
