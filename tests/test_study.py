@@ -261,3 +261,21 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     del old["train"]["max_bad_steps"], old["data"]["bad_files"]
     assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu", "paper"])
+def test_every_study_builds_valid_cells_at_the_larger_scales(scale: str) -> None:
+    """The grids that CI cannot train still build: distinct names, valid configs, and at gpu
+    scale the whole CIFAR-10 training set (no subset) on the c10 presets."""
+    from vitsam.config import validate
+
+    for name, study in STUDIES.items():
+        if name == "demo":
+            continue
+        cells = study_cells(study, scale, (0, 1))
+        assert len({c.name for c in cells}) == len(cells), name
+        for c in cells:
+            validate(c.config)
+            assert c.config.train.seed == c.seed and c.config.name == c.name
+            if scale == "gpu" and c.fraction == 1.0:
+                assert c.config.data.train_fraction == 1.0, c.name
