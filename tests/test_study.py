@@ -256,10 +256,12 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     same = replace(cfg, train=replace(cfg.train, threads=7, max_bad_steps=3))
     assert stages.fingerprint(same) == fp
     assert stages.fingerprint(replace(cfg, data=replace(cfg.data, bad_files="skip"))) == fp
-    # A folder made before train.max_bad_steps and data.bad_files existed: its config had neither.
+    # A folder made before train.max_bad_steps, train.sync_batchnorm and data.bad_files
+    # existed: its config had none of them.
     old = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
-    del old["train"]["max_bad_steps"], old["data"]["bad_files"]
+    del old["train"]["max_bad_steps"], old["train"]["sync_batchnorm"], old["data"]["bad_files"]
     assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
+    assert stages.fingerprint(replace(cfg, train=replace(cfg.train, sync_batchnorm=True))) != fp
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp
 
 
