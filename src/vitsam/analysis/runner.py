@@ -109,7 +109,7 @@ def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[st
     run = load_run(run_dir, req.checkpoint, device=req.device)
     bundle = build_data(run.data_config())
     # The final configs (with the run's statistics and model spec) before any analysis runs.
-    decay = run.config.get("optim", {}).get("weight_decay") if isinstance(run.config, dict) else None
+    decay = run.config.get("optim", {}).get("weight_decay")  # the L2 term landscapes can add
     configs = {name: plugin_config(name, req.settings, mean=bundle.mean, std=bundle.std,
                                    model_spec=run.model_spec, progress=progress,
                                    run_dir=str(run_dir), decay_rate=decay)

@@ -72,7 +72,10 @@ def pca_path(points: Tensor) -> dict[str, Any]:
     Returns ``directions`` (2, P) float64 unit vectors, ``coords`` (n, 2) float64 (the last
     point at (0, 0)) and ``explained`` (2,): the share of sum_i ||w_i - w_n||^2 along each axis.
     """
-    if points.ndim != 2 or points.shape[0] < 3:
+    if points.ndim != 2 or points.shape[1] < 2:
+        raise ValueError(f"points must be (n, P) flat weight vectors with P >= 2, got "
+                         f"{tuple(points.shape)}")
+    if points.shape[0] < 3:
         raise ValueError(f"a trajectory needs at least 3 checkpoints, got {points.shape[0]}; keep "
                          "more with train.keep_checkpoints and train.ckpt_every_epochs")
     diffs = (points[:-1] - points[-1]).double()
@@ -80,15 +83,13 @@ def pca_path(points: Tensor) -> dict[str, Any]:
     total = float((s ** 2).sum())
     if total == 0.0:
         raise ValueError("all checkpoints hold the same weights: there is no path to draw")
-    dirs = vh[:2].clone()
-    if dirs.shape[0] < 2:
-        dirs = torch.cat([dirs, torch.zeros_like(dirs)])
+    dirs = vh[:2].clone()  # n - 1 >= 2 differences of P >= 2 weights: two directions
     coords = torch.cat([diffs @ dirs.T, torch.zeros(1, 2, dtype=torch.float64)])
     for k in range(2):  # the first checkpoint on the negative side of each axis
         if coords[0, k] > 0:
             dirs[k], coords[:, k] = -dirs[k], -coords[:, k]
-    explained = [float(v) / total for v in (s[:2] ** 2)] + [0.0] * (2 - min(2, len(s)))
-    return {"directions": dirs, "coords": coords, "explained": explained[:2]}
+    explained = [float(v) / total for v in (s[:2] ** 2)]
+    return {"directions": dirs, "coords": coords, "explained": explained}
 
 
 def _checkpoint_weights(run_dir: Path, names: Sequence[str],
@@ -96,7 +97,7 @@ def _checkpoint_weights(run_dir: Path, names: Sequence[str],
     """Flat (n, P) float64 weights of the trainable parameters at each named checkpoint, steps."""
     rows, steps = [], []
     for name in progress_bar(names, desc="trajectory checkpoints", disable=None, leave=False):
-        state, weights, _ = read_checkpoint(run_dir / "checkpoints" / name)
+        state, weights, _ = read_checkpoint(run_dir / "checkpoints" / name, optimizer=False)
         rows.append(torch.cat([weights[n].reshape(-1).double() for n, _ in params]))
         steps.append(int(state["step"]))
     return torch.stack(rows), steps

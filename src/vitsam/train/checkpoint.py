@@ -293,8 +293,13 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
     return root / which
 
 
-def read_checkpoint(ckpt_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(state, model tensors, optimiser tensors) of a checkpoint folder, checksums verified."""
+def read_checkpoint(ckpt_dir: Path, optimizer: bool = True
+                    ) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state, model tensors, optimiser tensors) of a checkpoint folder, checksums verified.
+
+    ``optimizer=False`` leaves the optimiser file unread (its tensors come back empty): the
+    weights alone are all that evaluation and analyses need, and AdamW's state is twice their size.
+    """
     try:
         state = read_json(ckpt_dir / "state.json", "checkpoint state")
     except ValueError as exc:
@@ -309,7 +314,7 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict
            f"delete {ckpt_dir} to fall back to the newest of them)" if others else
            "; restore it from a copy, or train the run again")
     tensors = []
-    for fname in ("model.safetensors", "optim.safetensors"):
+    for fname in ("model.safetensors", "optim.safetensors")[:2 if optimizer else 1]:
         path = ckpt_dir / fname
         if not path.exists():
             if fname == "model.safetensors":
@@ -327,7 +332,7 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise CheckpointError(f"{path} cannot be read ({first}){alt}") from None
-    return state, tensors[0], tensors[1]
+    return state, tensors[0], tensors[1] if optimizer else {}
 
 
 def _short(value: Any) -> str:
@@ -439,7 +444,7 @@ def load_run(run_dir: str | Path, which: str = "last", device: str | torch.devic
     from ..models import build_from_spec
 
     ckpt = resolve_checkpoint(run_dir, which)
-    state, weights, _ = read_checkpoint(ckpt)
+    state, weights, _ = read_checkpoint(ckpt, optimizer=False)
     spec = state.get("model_spec")
     if not isinstance(spec, dict):
         raise CheckpointError(f"{ckpt / 'state.json'} has no model spec; restore it or train the "

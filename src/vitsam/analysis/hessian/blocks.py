@@ -70,12 +70,13 @@ def per_block(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], *, to
     rows = []
     groups = parameter_blocks(model)
     common = dict(backend=backend, train_mode=train_mode, seed=seed)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
     for block, names in progress_bar(groups.items(), desc="hessian per block",
                                      disable=_quiet(progress), leave=False, total=len(groups)):
         t0 = time.perf_counter()
         eig = top_eigenvalues(model, loss_fn, batches, k=1, tol=tol, max_iter=max_iter,
                               params=names, **common)
-        size = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+        size = sum(sizes[n] for n in names)
         row = {"block": block, "num_params": size, "lambda_max": eig.eigenvalues[0],
                "residual": eig.residuals[0], "converged": eig.converged,
                "num_hvps": eig.num_hvps}
