@@ -89,6 +89,30 @@ def test_sharpness_measures_every_checkpoint(study_dir: Path) -> None:
             assert bool(s["logged"]) == (meth == "sam")  # only SAM logs its sharpness
 
 
+def test_geometry_reuses_sharpness_cells_and_fills_its_columns(study_dir: Path) -> None:
+    rec = _record(study_dir, "geometry")
+    for name, entry in rec["cells"].items():
+        assert entry["status"] == "done" and "train" not in entry["ran"], name
+        assert set(entry["ran"]) == {"blocks", "trajectory"}
+    t = tables.study_tables(study_dir, rec)
+    for r in t["rows"]:
+        ana = json.loads((study_dir / r["name"] / "analysis.json").read_text())
+        res = ana["hessian"]["result"]
+        blocks = res["per_block"]["blocks"]
+        # The columns are read from the blocks themselves, computed here independently.
+        top = max(blocks, key=lambda b: b["lambda_max"])
+        assert r["block_lambda_max"] == top["lambda_max"] and r["sharpest_block"] == top["block"]
+        assert all(b["trace"]["probes"] == 2 for b in blocks)
+        # No block is sharper than the whole Hessian (Cauchy interlacing), up to Lanczos's tol.
+        assert top["lambda_max"] <= res["lambda_max"] * 1.05 + 1e-6
+        traj = ana["trajectory"]["result"]
+        assert len(traj["coords"]) == 3 and r["trajectory_explained"] == sum(traj["explained"])
+        assert r["trajectory_explained"] == pytest.approx(1.0)  # 2 differences span a plane
+    md = (study_dir / "geometry.md").read_text()
+    assert "Hessian per block, vit:" in md and "Hessian per block, resnet:" in md
+    assert md.count("| blocks.0 |") == 1 and md.count("| layer1 |") == 1
+
+
 def test_report_html_and_markdown_hold_the_same_numbers(study_dir: Path) -> None:
     from vitsam.report import build_report
 
@@ -102,7 +126,8 @@ def test_report_html_and_markdown_hold_the_same_numbers(study_dir: Path) -> None
             assert cell in mdt and cell.replace("±", "&plusmn;") in text.replace("±", "&plusmn;")
     assert "src=\"http" not in text and "<script src" not in text  # nothing fetched
     for fig in ("main_training.png", "main_lambda_max.png", "main_corruptions.png",
-                "sharpness_sharpness.png", "inside_sparsity.png"):
+                "sharpness_sharpness.png", "inside_sparsity.png", "geometry_blocks_vit.png",
+                "geometry_blocks_resnet.png", "geometry_trajectory_vit.png"):
         assert f"figures/{fig}" in mdt, fig
     assert (study_dir / "main.csv").read_text().count("\n") == 13  # header + 12 cells
 

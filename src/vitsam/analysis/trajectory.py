@@ -188,17 +188,16 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: TrajectoryConfig = Traject
     }
 
 
-def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> list[Path]:
-    """``trajectory.png``: per run, the path (labelled with steps) over the loss contours, with
-    the explained variance of each axis and whether the L2 term is in the loss."""
+def plot_trajectories(runs: Sequence[tuple[str, dict]]) -> Any:
+    """A figure with one panel per (label, result): the path (labelled with steps) over the loss
+    contours, with the explained variance of each axis and whether the L2 term is in the loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [("", results)] if isinstance(results, dict) else list(results)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5.0 * len(pairs), 4.4), squeeze=False)
-    for ax, (label, r) in zip(axes[0], pairs):
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.0 * len(runs), 4.4), squeeze=False)
+    for ax, (label, r) in zip(axes[0], runs):
         a, b = np.meshgrid(np.asarray(r["x"]), np.asarray(r["y"]), indexing="ij")
         z = np.array(r["loss"], dtype=float)
         cs = ax.contour(a, b, z, levels=20, cmap="viridis")
@@ -213,6 +212,15 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> 
         ax.set_title(f"{label + ': ' if label else ''}loss, L2 term {r['weight_decay']}",
                      fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> list[Path]:
+    """``trajectory.png``: ``plot_trajectories`` of every run given."""
+    import matplotlib.pyplot as plt
+
+    pairs = [("", results)] if isinstance(results, dict) else list(results)
+    fig = plot_trajectories(pairs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "trajectory.png"

@@ -40,7 +40,7 @@ def _records(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"{d} is not a folder; give a study folder or run folders")
-        order = ["main", "augment", "inside", "sharpness"]
+        order = ["main", "augment", "inside", "sharpness", "geometry"]
         studies = sorted(d.glob("study-*.json"),
                          key=lambda p: (order.index(p.stem[6:]) if p.stem[6:] in order else 99, p.stem))
         if studies:
@@ -127,7 +127,7 @@ def _figures(folder: Path, rec: dict[str, Any], t: dict[str, Any], fig_dir: Path
     # A study folder can hold several studies' stages on shared cells: each study shows the
     # figures of its own stages (loose run folders show everything they have).
     stages = set(rec.get("stages") or ["hessian", "sparsity", "attention", "landscape",
-                                       "corruptions", "sharpness"])
+                                       "corruptions", "sharpness", "blocks", "trajectory"])
 
     def add(title: str, path: Path | None, caption: str) -> None:
         if path is not None and path.exists():
@@ -156,6 +156,18 @@ def _figures(folder: Path, rec: dict[str, Any], t: dict[str, Any], fig_dir: Path
         figures.attention_entropy(folder, rows, fig_dir / f"{name}_attention_entropy.png") or None,
         "Entropy of the class token's attention over patches, averaged over heads and images, per "
         "block; the dotted line is uniform attention.")
+    for fam in sorted({r["family"] for r in rows}):
+        fam_rows = [r for r in rows if r["family"] == fam]
+        add(f"{name}: Hessian per block, {fam}", "blocks" in stages and figures.blocks_bars(
+            folder, fam_rows, fig_dir / f"{name}_blocks_{fam}.png") or None,
+            "lambda_max (and trace, with its standard error) of the training loss's Hessian "
+            "restricted to each block's parameters, every cell side by side (symlog axis).")
+        add(f"{name}: training trajectory, {fam}", "trajectory" in stages and
+            figures.trajectories(folder, fam_rows, fig_dir / f"{name}_trajectory_{fam}.png")
+            or None,
+            "The checkpoints (labelled with their step) projected on the top-2 principal "
+            "directions of their differences from the final weights, over the training loss "
+            "on that plane; the axes give each direction's share of the path.")
     made += _plugin_figures(folder, rows, fig_dir, name, cmd, stages)
     return made
 
@@ -249,6 +261,8 @@ def build_report(dirs: list[Path], out: Path | None = None) -> tuple[Path, Path]
         md.append(tables.to_markdown(t["agg"], t["diffs"], v["columns"]))
         if v["note"]:
             md += [v["note"], ""]
+        if t["blocks_md"] and "blocks" in (rec.get("stages") or ["blocks"]):  # loose runs: all
+            md += [t["blocks_md"], ""]
         figs += _figures(folder, rec, t, fig_dir)
     title = "vitsam report: " + ", ".join(v["name"] for v in views)
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)

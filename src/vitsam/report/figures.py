@@ -220,3 +220,33 @@ def attention_entropy(study_dir: Path, rows: Sequence[dict[str, Any]], path: Pat
     ax.set_ylabel("class-token attention entropy (nats)")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def _labelled(study_dir: Path, rows: Sequence[dict[str, Any]], analysis: str
+              ) -> list[tuple[str, dict[str, Any]]]:
+    """(``method s<seed>``, saved result) of each cell that has ``analysis`` and supports it."""
+    out = []
+    for r in rows:
+        res = _result(study_dir, r, analysis)
+        if res and res.get("supported", True) is not False:
+            out.append((f"{r['method']} s{r['seed']}", res))
+    return out
+
+
+def blocks_bars(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """The per-block Hessian bar chart of the cells (one family) that measured it."""
+    from ..analysis.hessian.blocks import plot_per_block
+
+    runs = [(lab, r["per_block"]["blocks"]) for lab, r in _labelled(study_dir, rows, "hessian")
+            if "per_block" in r]
+    return _save(plot_per_block(runs), path) if runs else None
+
+
+def trajectories(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """The trajectory figure of the cells (one family) that have one, side by side."""
+    from ..analysis import trajectory
+
+    runs = _labelled(study_dir, rows, "trajectory")
+    if not runs:
+        return None
+    return _save(trajectory.plot_trajectories(runs), path)

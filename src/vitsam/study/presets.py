@@ -84,6 +84,11 @@ class StageSettings:
     corruptions: tuple[str, ...] | None = None  # None: all 15
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     landscape: tuple[str, ...] = ("landscape.dims=1", "landscape.steps=11", "landscape.max_batches=2")
+    # Per block: lambda_max and a Hutchinson trace of each block's Hessian (and of the whole one,
+    # so that the blocks' traces can be checked against it).
+    blocks: tuple[str, ...] = ("hessian.per_block=true", "hessian.k=1", "hessian.tol=0.01",
+                               "hessian.trace_probes=8")
+    trajectory: tuple[str, ...] = ("trajectory.steps=15",)
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,10 @@ def _settings(scale: str) -> StageSettings:
                              corrupt_params="cifar-c", corruptions=("gaussian_noise", "contrast"),
                              severities=(1, 3),
                              landscape=("landscape.dims=1", "landscape.steps=3",
-                                        "landscape.max_batches=1"))
+                                        "landscape.max_batches=1"),
+                             blocks=("hessian.per_block=true", "hessian.k=1", "hessian.tol=0.05",
+                                     "hessian.max_iter=8", "hessian.trace_probes=2"),
+                             trajectory=("trajectory.steps=3", "trajectory.max_batches=1"))
     if scale == "cpu":
         return StageSettings(batches=4, batch_size=64, corrupt_limit=500)
     return StageSettings(batches=8, batch_size=128, corrupt_limit=None)
@@ -246,6 +254,12 @@ STUDIES: dict[str, Study] = {
                        "checkpoint, against training steps", _sharpness_grid,
                        ("sharpness",), ("test_acc", "lambda_max_last", "lambda_max_matched",
                                         "matched_step"), _settings),
+    "geometry": Study("geometry", "Where the curvature sits and how training moves: lambda_max "
+                      "and trace of the Hessian per block, and the path of training projected on "
+                      "its top-2 principal directions over the loss surface (reuses sharpness's "
+                      "cells and their checkpoints)", _sharpness_grid, ("blocks", "trajectory"),
+                      ("test_acc", "lambda_max", "block_lambda_max", "trajectory_explained"),
+                      _settings, reuses="sharpness"),
 }
 
 

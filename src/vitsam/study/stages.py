@@ -14,6 +14,8 @@ Stages:
     landscape    filter-normalised loss curve around the trained weights
     corruptions  accuracy on the study's shared -C set
     sharpness    lambda_max at every saved checkpoint, next to SAM's logged sharpness
+    blocks       lambda_max and trace of the Hessian restricted to each block (and of all of it)
+    trajectory   the checkpoints' path on its top-2 principal directions over the loss surface
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from ..config import RunConfig, to_dict
 from ..io import atomic_write_json, merge_json, read_json, read_jsonl
 from .presets import Cell, StageSettings
 
-STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness")
+STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness",
+          "blocks", "trajectory")
 MARKER = "cell.json"
 
 
@@ -214,4 +217,8 @@ def _sharpness(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) 
 STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity"),
                "attention": _simple("attention"), "landscape": _simple("landscape", "landscape"),
                "corruptions": _corruptions,
-               "sharpness": _sharpness}
+               "sharpness": _sharpness,
+               # The per-block Hessian is the hessian analysis with per_block=true: its result
+               # (whole-model lambda_max and trace beside the blocks') is saved as "hessian".
+               "blocks": _simple("hessian", "blocks"),
+               "trajectory": _simple("trajectory", "trajectory")}

@@ -33,8 +33,11 @@ COLUMNS: dict[str, tuple[str, str, bool | None]] = {
     "matched_step": ("step reaching matched loss", "{:.0f}", None),
     "active_pct": ("active MLP units % (block 1)", "{:.1f}", False),
     "attention_entropy": ("class-token entropy (nats)", "{:.3f}", False),
+    "block_lambda_max": ("largest block lambda_max", "{:.4g}", False),
+    "trajectory_explained": ("path on top-2 PCs %", "{:.1f}", None),
 }
-SCALE = {"params": 1e-6, "test_acc": 100.0, "train_acc": 100.0, "corrupt_acc": 100.0}
+SCALE = {"params": 1e-6, "test_acc": 100.0, "train_acc": 100.0, "corrupt_acc": 100.0,
+         "trajectory_explained": 100.0}
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -75,6 +78,14 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
     att = _get(ana, "attention", "result")
     if att and att.get("supported", True) is not False and att.get("entropy_per_block"):
         v["attention_entropy"] = att["entropy_per_block"][-1]
+    blocks = _get(ana, "hessian", "result", "per_block", "blocks")
+    if blocks:
+        top = max(blocks, key=lambda b: b["lambda_max"])
+        v["block_lambda_max"] = top["lambda_max"]
+        v["sharpest_block"] = top["block"]
+    traj = _get(ana, "trajectory", "result")
+    if traj and traj.get("supported", True) is not False:
+        v["trajectory_explained"] = sum(traj["explained"])
     sharp = _load(run_dir / "sharpness.json", "sharpness").get("checkpoints")
     if sharp:
         v["lambda_max_last"] = sharp[-1]["lambda_max"]
@@ -243,6 +254,26 @@ def to_markdown(agg: list[dict[str, Any]], diffs: list[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
+def block_tables(study_dir: Path, rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per family, lambda_max (and trace) of each block for every cell that has the
+    per-block Hessian ("" when none has)."""
+    from ..analysis.hessian.blocks import per_block_table
+
+    parts = []
+    for fam in sorted({r["family"] for r in rows}):
+        runs = []
+        for r in rows:
+            path = study_dir / r["name"] / "analysis.json"
+            if r["family"] != fam or not path.exists():
+                continue
+            res = _get(read_run_file(path, "analysis"), "hessian", "result")
+            if res and "per_block" in res:
+                runs.append((f"{r['method']} s{r['seed']}", res["per_block"]["blocks"]))
+        if runs:
+            parts.append(f"Hessian per block, {fam}:\n\n" + per_block_table(runs))
+    return "\n".join(parts)
+
+
 def study_tables(study_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Per-cell rows, aggregated rows and SAM differences of one study record."""
     columns = record["columns"]
@@ -250,7 +281,7 @@ def study_tables(study_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     matched = match_losses(rows)
     agg = aggregate(rows, columns)
     return {"rows": rows, "agg": agg, "diffs": differences(agg, columns), "columns": columns,
-            "matched_loss": matched}
+            "matched_loss": matched, "blocks_md": block_tables(study_dir, rows)}
 
 
 def write_tables(study_dir: Path, record: dict[str, Any]) -> Path:
@@ -259,7 +290,8 @@ def write_tables(study_dir: Path, record: dict[str, Any]) -> Path:
 
     t = study_tables(study_dir, record)
     md = study_dir / f"{record['study']}.md"
-    atomic_write_bytes(md, to_markdown(t["agg"], t["diffs"], t["columns"]).encode())
+    text = to_markdown(t["agg"], t["diffs"], t["columns"])
+    atomic_write_bytes(md, (text + ("\n" + t["blocks_md"] if t["blocks_md"] else "")).encode())
     atomic_write_bytes(study_dir / f"{record['study']}.csv",
                        to_csv(t["rows"], t["columns"]).encode())
     return md
