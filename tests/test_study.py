@@ -285,8 +285,10 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     # existed: its config had none of them.
     old = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     del old["train"]["max_bad_steps"], old["train"]["sync_batchnorm"], old["data"]["bad_files"]
+    del old["data"]["label_noise"], old["data"]["label_noise_kind"]
     assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, sync_batchnorm=True))) != fp
+    assert stages.fingerprint(replace(cfg, data=replace(cfg.data, label_noise=0.2))) != fp
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp
 
 

@@ -22,9 +22,14 @@ NUMS = [NUM]
 _RESULT = {"result!": {"lambda_max": NUM, "loss": NUM}, "settings": {"*": ANY}, "samples": NUM}
 SCHEMAS: dict[str, dict[str, Any]] = {
     "final": {"test_acc!": NUM, "train_acc": (NUM, NULL), "params": (NUM, NULL),
-              "train_images_per_s": (NUM, NULL), "wall_time_s": (NUM, NULL), "name": STR},
+              "train_images_per_s": (NUM, NULL), "wall_time_s": (NUM, NULL), "name": STR,
+              "label_noise": {"noisy_memorised": NUM, "noisy_true": NUM, "num_noisy": NUM}},
     "analysis": {"*": {"result!": {"*": ANY}},
-                 "hessian": _RESULT, "hessian_augmented": _RESULT,
+                 "hessian": {**_RESULT, "result!": {
+                     **_RESULT["result!"],
+                     "per_block": {"blocks!": [{"block!": STR, "lambda_max!": NUM}]}}},
+                 "hessian_augmented": _RESULT,
+                 "trajectory": {"result!": {"explained": NUMS}},
                  "ntk": {"result!": {"at_init": {"kappas": NUMS}, "convention": STR}},
                  "sparsity": {"result!": {"layers": {"*": {"mean_active_pct_per_image": NUM}}}},
                  "attention": {"result!": {"supported": BOOL, "entropy_per_block": NUMS}}},

@@ -22,6 +22,7 @@ held in memory, ``EVAL_CROP_FRACTION`` for large-image folders (``vitsam.data.pr
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 from . import cache, decode, scan, sources
 from .config import DataConfig, resolve_cache_dir
 from .errors import DataError
+from .noise import corrupt_labels
 from .preprocess import EVAL_CROP_FRACTION, IN_MEMORY_CROP_FRACTION
 from .split import stratified_fraction, stratified_split
 from .tensors import DataBundle, ImageFiles, ImageTensors
@@ -263,15 +265,23 @@ def _bundle(cfg: DataConfig, data: dict, hflip: bool, origin: str) -> DataBundle
     n_full = len(train)
     if cfg.train_fraction < 1.0:
         train = train.subset(stratified_fraction(train.labels, cfg.train_fraction, cfg.seed))
+    noisy = None
+    if cfg.label_noise > 0:
+        labels, noisy = corrupt_labels(train.labels, len(classes), cfg.label_noise,
+                                       cfg.label_noise_kind, cfg.seed)
+        train = dataclasses.replace(train, labels=labels)
     if isinstance(train, ImageTensors):
         mean, std = channel_stats(train.images)
     img_size = cfg.img_size or default_size
     frac = f" (fraction {cfg.train_fraction:g} of {n_full}, seed {cfg.seed})" if cfg.train_fraction < 1 else ""
     skipped = [(str(p), str(r)) for p, r in data.get("skipped", [])]
     left_out = f" ({len(skipped)} unreadable files left out)" if skipped else ""
+    if noisy is not None:
+        left_out += (f" ({len(noisy.index)} training labels replaced: {cfg.label_noise_kind} "
+                     f"noise at {cfg.label_noise:g}, seed {cfg.seed})")
     description = (f"{cfg.source}: {origin}; {len(train)} train{frac} / {len(test)} test images{left_out}, "
                    f"{in_chans}x{native}px native -> {img_size}px, {len(classes)} classes, augment {cfg.augment}")
     return DataBundle(train=train, test=test, classes=list(classes), mean=tuple(mean), std=tuple(std),
                       in_chans=in_chans, native_size=native, img_size=img_size, name=cfg.source,
                       description=description, hflip=hflip, config=cfg, crop_pct=crop_pct,
-                      skipped=skipped)
+                      skipped=skipped, noisy=noisy)

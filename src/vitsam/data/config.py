@@ -32,6 +32,9 @@ class DataConfig:
     ``bad_files``: what to do with image files of a folder source that cannot be read
     (``vitsam.data.scan``): ``error`` stops before training and names them all, ``skip`` leaves
     them out and lists them in the run folder.
+    ``label_noise``: the share of training labels replaced, seeded by ``seed``
+    (``vitsam.data.noise``; the test labels stay clean), ``label_noise_kind``: ``symmetric``
+    (another class, uniformly) or ``pair`` (the next class).
     """
 
     source: str = "mnist5k"
@@ -44,6 +47,8 @@ class DataConfig:
     val_split: str = "val"
     workers: int = 2
     bad_files: str = "error"
+    label_noise: float = 0.0
+    label_noise_kind: str = "symmetric"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -58,6 +63,12 @@ class DataConfig:
             raise DataError(f"workers must be a non-negative integer, got {self.workers!r}")
         if self.bad_files not in BAD_FILES:
             raise DataError(f"bad_files must be one of {', '.join(BAD_FILES)}, got {self.bad_files!r}")
+        if isinstance(self.label_noise, bool) or not isinstance(self.label_noise, (int, float)) \
+                or not 0.0 <= self.label_noise < 1.0:
+            raise DataError(f"label_noise must be a number in [0, 1), got {self.label_noise!r}")
+        if self.label_noise_kind not in ("symmetric", "pair"):
+            raise DataError("label_noise_kind must be one of symmetric, pair, got "
+                            f"{self.label_noise_kind!r}")
         check_split_name(self.val_split)
 
 

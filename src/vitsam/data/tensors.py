@@ -10,6 +10,7 @@ splits).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,7 +92,8 @@ class DataBundle:
     model input size. ``hflip`` says whether ``basic`` augmentation flips horizontally.
     ``crop_pct``: the evaluation preprocessing's crop fraction (``vitsam.data.preprocess``): 1.0
     for images held in memory, 0.875 for large-image folders. ``skipped``: (path relative to the
-    data root, reason) of each unreadable file left out under ``bad_files=skip``.
+    data root, reason) of each unreadable file left out under ``bad_files=skip``. ``noisy``: the
+    training samples whose labels ``data.label_noise`` replaced (``vitsam.data.noise``).
     """
 
     train: ImageTensors | ImageFiles
@@ -108,6 +110,7 @@ class DataBundle:
     config: DataConfig
     crop_pct: float = 1.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    noisy: Any = None
 
     @property
     def num_classes(self) -> int:

@@ -186,6 +186,20 @@ def _sharpness_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
     return cells
 
 
+NOISE_RATE = 0.2
+
+
+def _noise_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    """main's cells with a fifth of the training labels replaced (symmetric noise, the data
+    seed's draw: every cell sees the same wrong labels)."""
+    cells = []
+    for c in _main_grid(scale, seeds):
+        name = f"{c.family}-{c.method}-noise{NOISE_RATE:g}-s{c.seed}"
+        cfg = replace(c.config, name=name, data=replace(c.config.data, label_noise=NOISE_RATE))
+        cells.append(replace(c, name=name, config=cfg))
+    return cells
+
+
 # The demo: the paper's story in minutes on 2 cores. The ViT pair trains long enough to fit its
 # 4,000 digits (a ViT that still underfits shows SAM as a cost, not as the paper's gain); the
 # ResNet pair keeps the preset's 15 epochs, where it already fits. The table reads lambda_max
@@ -254,6 +268,11 @@ STUDIES: dict[str, Study] = {
                        "checkpoint, against training steps", _sharpness_grid,
                        ("sharpness",), ("test_acc", "lambda_max_last", "lambda_max_matched",
                                         "matched_step"), _settings),
+    "noise": Study("noise", f"Label noise: main's grid with {NOISE_RATE:g} of the training labels "
+                   "replaced (symmetric), tested on clean labels; how many wrong labels each "
+                   "model memorised", _noise_grid, ("hessian",),
+                   ("test_acc", "train_acc", "noisy_memorised", "noisy_true", "lambda_max"),
+                   _settings),
     "geometry": Study("geometry", "Where the curvature sits and how training moves: lambda_max "
                       "and trace of the Hessian per block, and the path of training projected on "
                       "its top-2 principal directions over the loss surface (reuses sharpness's "

@@ -33,11 +33,13 @@ COLUMNS: dict[str, tuple[str, str, bool | None]] = {
     "matched_step": ("step reaching matched loss", "{:.0f}", None),
     "active_pct": ("active MLP units % (block 1)", "{:.1f}", False),
     "attention_entropy": ("class-token entropy (nats)", "{:.3f}", False),
+    "noisy_memorised": ("noisy labels memorised %", "{:.1f}", False),
+    "noisy_true": ("noisy samples, true class %", "{:.1f}", True),
     "block_lambda_max": ("largest block lambda_max", "{:.4g}", False),
     "trajectory_explained": ("path on top-2 PCs %", "{:.1f}", None),
 }
 SCALE = {"params": 1e-6, "test_acc": 100.0, "train_acc": 100.0, "corrupt_acc": 100.0,
-         "trajectory_explained": 100.0}
+         "trajectory_explained": 100.0, "noisy_memorised": 100.0, "noisy_true": 100.0}
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -70,6 +72,8 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
         "lambda_max_aug": _get(ana, "hessian_augmented", "result", "lambda_max"),
         "lambda_max_aug_loss": _get(ana, "hessian_augmented", "result", "loss"),
         "corrupt_acc": _get(ev, "corruptions", "mean_corruption_accuracy"),
+        "noisy_memorised": _get(final, "label_noise", "noisy_memorised"),
+        "noisy_true": _get(final, "label_noise", "noisy_true"),
     }
     kinds = _get(ana, "sparsity", "result", "layers") or {}
     if kinds:

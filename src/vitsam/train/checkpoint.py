@@ -469,6 +469,7 @@ def _check_weights(ckpt: Path, spec: dict, weights: dict[str, torch.Tensor]) -> 
             shell = build_from_spec(spec)
     except (ModelError, ValueError, TypeError, KeyError, RuntimeError, AssertionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first if len(first) <= 300 else first[:297] + "..."  # a damaged name can be huge
         raise CheckpointError(f"the model spec in {ckpt / 'state.json'} cannot be built: {first}; "
                               "the checkpoint is damaged or from another vitsam version") from None
     want = {k: (tuple(v.shape), v.dtype) for k, v in shell.state_dict().items()}

@@ -424,7 +424,19 @@ def _evaluate_into(metrics_path: Path, tr: Trainer, step: int) -> None:
     ev = tr.evaluate()
     tr.last_eval = (step, ev)
     tr.log.write({"step": step, "epoch": step / tr.timeline.steps_per_epoch,
-                  "test_loss": ev["nll"], "test_acc": ev["top1"]})
+                  "test_loss": ev["nll"], "test_acc": ev["top1"], **_noise_fit(tr)})
+
+
+def _noise_fit(tr: Trainer) -> dict[str, float]:
+    """On the training samples whose labels ``data.label_noise`` replaced: the share the model
+    predicts with the given (wrong) label, i.e. has memorised, and with the true one ({} when
+    the run has no label noise)."""
+    noisy = tr.bundle.noisy
+    if noisy is None or len(noisy.index) == 0:
+        return {}
+    given = tr.bundle.train.subset(noisy.index)
+    true = replace(given, labels=noisy.true.clone())
+    return {"noisy_memorised": tr.evaluate(given)["top1"], "noisy_true": tr.evaluate(true)["top1"]}
 
 
 def _saved_config(run_dir: Path) -> RunConfig:
@@ -519,6 +531,9 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
              "wall_time_s": wall,
              "train_images_per_s": overall_rate(records), **step_counts(records),
              "device": str(tr.device), "processes": tr.group.world}
+    if tr.bundle.noisy is not None:
+        final["label_noise"] = {"rate": tr.bundle.noisy.rate, "kind": tr.bundle.noisy.kind,
+                                "num_noisy": len(tr.bundle.noisy.index), **_noise_fit(tr)}
     if tr.group.is_main:
         atomic_write_json(run_dir / "final.json", final)
     return final
