@@ -308,3 +308,23 @@ def test_every_study_builds_valid_cells_at_the_larger_scales(scale: str) -> None
             assert c.config.train.seed == c.seed and c.config.name == c.name
             if scale == "gpu" and c.fraction == 1.0:
                 assert c.config.data.train_fraction == 1.0, c.name
+
+
+def test_noise_study_reports_memorisation_read_from_the_runs(tmp_path: Path) -> None:
+    from vitsam.report import build_report
+
+    only = ["vit-vanilla-noise0.2-s0", "vit-sam-noise0.2-s0"]
+    rec = run_study(get_study("noise"), "smoke", tmp_path, only=only, progress=False)
+    t = tables.study_tables(tmp_path, rec)
+    for r in t["rows"]:
+        final = json.loads((tmp_path / r["name"] / "final.json").read_text())
+        cfg = json.loads((tmp_path / r["name"] / "config.json").read_text())
+        assert cfg["data"]["label_noise"] == 0.2
+        assert r["noisy_memorised"] == final["label_noise"]["noisy_memorised"]
+        assert r["noisy_true"] == final["label_noise"]["noisy_true"]
+        assert final["label_noise"]["num_noisy"] > 0
+    agg = {row["method"]: row for row in t["agg"]}
+    assert agg["sam"]["noisy_memorised"]["mean"] == pytest.approx(
+        100 * t["rows"][[r["method"] for r in t["rows"]].index("sam")]["noisy_memorised"])
+    _, md = build_report([tmp_path])
+    assert "figures/noise_memorisation.png" in md.read_text()

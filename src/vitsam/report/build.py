@@ -156,6 +156,10 @@ def _figures(folder: Path, rec: dict[str, Any], t: dict[str, Any], fig_dir: Path
         figures.attention_entropy(folder, rows, fig_dir / f"{name}_attention_entropy.png") or None,
         "Entropy of the class token's attention over patches, averaged over heads and images, per "
         "block; the dotted line is uniform attention.")
+    add(f"{name}: memorisation of the noisy labels", figures.memorisation_curves(
+        folder, rows, fig_dir / f"{name}_memorisation.png"),
+        "Share of the training samples with a replaced label that the model predicts with that "
+        "wrong label (solid: memorised) and with their true class (dashed), at every evaluation.")
     for fam in sorted({r["family"] for r in rows}):
         fam_rows = [r for r in rows if r["family"] == fam]
         add(f"{name}: Hessian per block, {fam}", "blocks" in stages and figures.blocks_bars(

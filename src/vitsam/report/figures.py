@@ -250,3 +250,31 @@ def trajectories(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) ->
     if not runs:
         return None
     return _save(trajectory.plot_trajectories(runs), path)
+
+
+def memorisation_curves(study_dir: Path, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Per family: the share of noisy training labels memorised (solid) and of noisy samples
+    still classified correctly (dashed) against epochs, from the runs' evaluation logs."""
+    fams = [f for f in _families(rows) if any(r["family"] == f and "noisy_memorised" in r
+                                              for r in rows)]
+    if not fams:
+        return None
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.2), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        for r in rows:
+            log = study_dir / r["name"] / "metrics.jsonl"
+            if r["family"] != fam or not log.exists():
+                continue
+            recs = [x for x in read_jsonl(log) if isinstance(x, dict) and "noisy_memorised" in x]
+            ep = [x["epoch"] for x in recs]
+            c = COLORS.get(r["method"], "k")
+            ax.plot(ep, [100 * x["noisy_memorised"] for x in recs], color=c,
+                    label=f"{r['method']} s{r['seed']}: memorised")
+            ax.plot(ep, [100 * x["noisy_true"] for x in recs], color=c, ls="--",
+                    label=f"{r['method']} s{r['seed']}: true class")
+        ax.set_title(fam, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(-3, 103)
+    axes[0, 0].set_ylabel("% of the noisy training samples")
+    axes[0, 0].legend(fontsize=6)
+    return _save(fig, path)
