@@ -10,7 +10,9 @@ throughput). Scales size the same grid for a budget:
     paper  the paper's ImageNet recipes (set --root to an ImageFolder tree)
 
 Cell names are ``<family>-<method>[-f<fraction>]-s<seed>``; the method is ``vanilla``, ``sam``,
-``aug`` (strong augmentation: RandAugment + Mixup) or ``sam-aug``. A cell on the whole training
+``aug`` (strong augmentation: RandAugment + Mixup), ``sam-aug``, or one of the cheaper SAM
+variants ``looksam``, ``sam-on`` and ``random`` (``vitsam.optim.variants``, at their defaults:
+LookSAM k = 5, alpha = 0.7; SAM on a random fifth of the steps, the same expected cost). A cell on the whole training
 set has no fraction in its name, so ``augment``'s fraction-1 vanilla and SAM cells are ``main``'s
 cells and a study folder holding both trains them once.
 """
@@ -26,6 +28,8 @@ from ..presets import get_preset
 SCALES = ("smoke", "cpu", "gpu", "paper")
 FAMILIES = ("resnet", "vit", "mixer")
 METHODS = ("vanilla", "sam", "aug", "sam-aug")
+VARIANT_METHODS = ("looksam", "sam-on", "random")  # each its optim.sam_variant
+SAM_METHODS = ("sam", "sam-aug", *VARIANT_METHODS)
 FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 
 # Why the cpu scale looks the way it does (measured on the shared CIFAR-10, one thread a run):
@@ -100,7 +104,7 @@ class Study:
 
 
 def _base(family: str, method: str, scale: str) -> RunConfig:
-    sam = method in ("sam", "sam-aug")
+    sam = method in SAM_METHODS
     if scale == "smoke":
         # The presets' smoke sizes on sklearn's 8x8 digits (patch 4: 4 tokens), so that a
         # whole grid with its analyses runs in seconds.
@@ -126,6 +130,8 @@ def _base(family: str, method: str, scale: str) -> RunConfig:
                                     ckpt_every_epochs=10))
     if method in ("aug", "sam-aug"):
         cfg = replace(cfg, data=replace(cfg.data, augment="strong"))
+    if method in VARIANT_METHODS:
+        cfg = replace(cfg, optim=replace(cfg.optim, sam_variant=method))
     return cfg
 
 
@@ -179,6 +185,11 @@ def _sharpness_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
                 cells.append(replace(c, config=replace(c.config, train=replace(
                     t, ckpt_every_epochs=every, keep_checkpoints=1000))))
     return cells
+
+
+def _variants_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    return [_cell(f, m, s, scale) for f in ("vit", "mixer")
+            for m in ("vanilla", "sam", *VARIANT_METHODS) for s in seeds]
 
 
 # The demo: the paper's story in minutes on 2 cores. The ViT pair trains long enough to fit its
@@ -246,6 +257,12 @@ STUDIES: dict[str, Study] = {
                        "checkpoint, against training steps", _sharpness_grid,
                        ("sharpness",), ("test_acc", "lambda_max_last", "lambda_max_matched",
                                         "matched_step"), _settings),
+    "sam-variants": Study("sam-variants", "Cheaper SAM: ViT and Mixer x {vanilla, SAM, LookSAM "
+                          "(k=5), SAM-ON (normalisation layers only), SAM on a random fifth of "
+                          "the steps}: accuracy, Hessian lambda_max and training images/s against "
+                          "full SAM (reuses main's vanilla and SAM cells)", _variants_grid,
+                          ("hessian",), ("test_acc", "lambda_max", "train_images_per_s"),
+                          _settings, reuses="main"),
 }
 
 

@@ -32,6 +32,7 @@ from .presets import Cell, StageSettings
 
 STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness")
 MARKER = "cell.json"
+_VARIANT_KEYS = ("sam_variant", "looksam_k", "looksam_alpha", "sam_prob", "sam_seed")
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -39,12 +40,16 @@ def fingerprint(cfg: RunConfig) -> str:
     output folder, how many faulty steps in a row stop it, or what to do with unreadable files:
     a finished run is the same either way, and cells trained before those settings existed
     still match). A setting added later with a default that trains as before
-    (``train.sync_batchnorm=false``) is left out at that default, for the same reason."""
+    (``train.sync_batchnorm=false``; the cheaper SAM keys while ``optim.sam_variant=full``) is
+    left out at that default, for the same reason."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
     d["data"].pop("bad_files", None)
     if not d["train"].get("sync_batchnorm", False):
         d["train"].pop("sync_batchnorm", None)
+    if d["optim"].get("sam_variant", "full") == "full":  # then the variants' keys change nothing
+        for key in _VARIANT_KEYS:
+            d["optim"].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
