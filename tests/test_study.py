@@ -289,16 +289,10 @@ def test_every_study_builds_valid_cells_at_the_larger_scales(scale: str) -> None
                 assert c.config.data.train_fraction == 1.0, c.name
 
 
-def test_sam_variants_reuses_main_cells_and_compares_each_variant_with_full_sam(
-        study_dir: Path, tmp_path: Path) -> None:
+def test_sam_variants_runs_whole_and_compares_each_variant_with_full_sam(tmp_path: Path) -> None:
     out = tmp_path / "variants"
-    shared = [f"{f}-{m}-s0" for f in ("vit", "mixer") for m in ("vanilla", "sam")]
-    for name in shared:
-        shutil.copytree(study_dir / name, out / name)
     rec = run_study(get_study("sam-variants"), "smoke", out, seeds=(0,), progress=False)
-    assert len(rec["cells"]) == 10 and all(e["status"] in ("done", "reused") for e in rec["cells"].values())
-    trained = {n for n, e in rec["cells"].items() if "train" in e.get("ran", [])}
-    assert trained == {f"{f}-{m}-s0" for f in ("vit", "mixer") for m in ("looksam", "sam-on", "random")}
+    assert len(rec["cells"]) == 10 and all(e["status"] == "done" for e in rec["cells"].values())
     for f in ("vit", "mixer"):
         for m in ("looksam", "sam-on", "random"):
             final = json.loads((out / f"{f}-{m}-s0" / "final.json").read_text())
