@@ -281,12 +281,18 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     same = replace(cfg, train=replace(cfg.train, threads=7, max_bad_steps=3))
     assert stages.fingerprint(same) == fp
     assert stages.fingerprint(replace(cfg, data=replace(cfg.data, bad_files="skip"))) == fp
-    # A folder made before train.max_bad_steps, train.sync_batchnorm and data.bad_files
-    # existed: its config had none of them.
+    # A folder made before train.max_bad_steps, train.sync_batchnorm, data.bad_files and the
+    # cheaper SAM keys existed: its config had none of them.
     old = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     del old["train"]["max_bad_steps"], old["train"]["sync_batchnorm"], old["data"]["bad_files"]
     del old["data"]["label_noise"], old["data"]["label_noise_kind"]
+    for key in ("sam_variant", "looksam_k", "looksam_alpha", "sam_prob", "sam_seed"):
+        del old["optim"][key]
     assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
+    looksam = replace(cfg, optim=replace(cfg.optim, sam=True, sam_variant="looksam"))
+    assert stages.fingerprint(looksam) != stages.fingerprint(replace(looksam, optim=replace(
+        looksam.optim, looksam_k=3)))
+    assert stages.fingerprint(replace(cfg, optim=replace(cfg.optim, looksam_k=3))) == fp  # unused
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, sync_batchnorm=True))) != fp
     assert stages.fingerprint(replace(cfg, data=replace(cfg.data, label_noise=0.2))) != fp
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp
@@ -328,3 +334,42 @@ def test_noise_study_reports_memorisation_read_from_the_runs(tmp_path: Path) -> 
         100 * t["rows"][[r["method"] for r in t["rows"]].index("sam")]["noisy_memorised"])
     _, md = build_report([tmp_path])
     assert "figures/noise_memorisation.png" in md.read_text()
+
+
+def test_sam_variants_runs_whole_and_compares_each_variant_with_full_sam(tmp_path: Path) -> None:
+    out = tmp_path / "variants"
+    rec = run_study(get_study("sam-variants"), "smoke", out, seeds=(0,), progress=False)
+    assert len(rec["cells"]) == 10 and all(e["status"] == "done" for e in rec["cells"].values())
+    for f in ("vit", "mixer"):
+        for m in ("looksam", "sam-on", "random"):
+            final = json.loads((out / f"{f}-{m}-s0" / "final.json").read_text())
+            assert final["sam_variant"] == m and final["sam"] is True
+        looksam = json.loads((out / f"{f}-looksam-s0" / "final.json").read_text())
+        assert 0 < looksam["perturbed_steps"] < looksam["steps"] or looksam["steps"] == 1
+    t = tables.study_tables(out, rec)
+    assert all("test_acc" in r and "lambda_max" in r and "train_images_per_s" in r for r in t["agg"])
+    assert {d["method"] for d in t["diffs"]} == {"sam - vanilla", "looksam - sam", "sam-on - sam",
+                                                 "random - sam"}
+    md = (out / "sam-variants.md").read_text()
+    assert "| vit looksam - sam |" in md and "| mixer sam-on |" in md
+    from vitsam.report import build_report
+
+    _, page = build_report([out])
+    assert "sam-variants" in page.read_text() and "figures/sam-variants_lambda_max.png" in page.read_text()
+
+
+@pytest.mark.parametrize("scale", ["smoke", "cpu"])
+def test_sam_variants_shares_main_cells_config_for_config(scale: str) -> None:
+    main_cells = {c.name: c for c in study_cells(get_study("main"), scale, (0,))}
+    cells = study_cells(get_study("sam-variants"), scale, (0,))
+    shared = [c for c in cells if c.name in main_cells]
+    assert len(cells) == 10 and len(shared) == 4
+    assert all(stages.fingerprint(c.config) == stages.fingerprint(main_cells[c.name].config)
+               and c.config == main_cells[c.name].config for c in shared)
+    for c in cells:
+        o = c.config.optim
+        assert o.sam == (c.method != "vanilla")
+        assert o.sam_variant == (c.method if c.method in ("looksam", "sam-on", "random") else "full")
+    if scale == "cpu":
+        vit = next(c for c in cells if c.name == "vit-looksam-s0").config
+        assert vit.model.kwargs["embed_dim"] == 128 and vit.data.augment == "none"

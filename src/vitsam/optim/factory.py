@@ -22,7 +22,8 @@ OPTIMIZERS = ("adamw", "sgd")
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser settings. ``sam=True`` wraps the base optimiser in SAM with radius ``rho``."""
+    """Optimiser settings. ``sam=True`` wraps the base optimiser in SAM with radius ``rho``;
+    ``sam_variant`` picks a cheaper SAM (``vitsam.optim.variants`` states their costs)."""
 
     name: str = "adamw"
     lr: float = 1e-3
@@ -36,6 +37,12 @@ class OptimConfig:
     m: int | None = None  # m-sharpness chunk size on one device; None = whole batch
     sync_perturbation: bool = False  # DDP: perturb with the all-reduced gradient
     reuse_randomness: bool = True  # second SAM pass reuses the first pass's dropout masks
+    # Cheaper SAM (vitsam.optim.variants, with sam=true): full | looksam | sam-on | random
+    sam_variant: str = "full"
+    looksam_k: int = 5  # LookSAM: a SAM step every k steps
+    looksam_alpha: float = 0.7  # LookSAM: weight of the reused orthogonal gradient part
+    sam_prob: float = 0.2  # random: probability that a step is a SAM step (0.2: LookSAM k=5's cost)
+    sam_seed: int = 0  # random: seed of the steps' draws
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -83,6 +90,21 @@ def validate(cfg: OptimConfig) -> None:
             raise ValueError(f"optim.{key} must be in [0, 1), got {getattr(cfg, key)}")
     if cfg.m is not None and cfg.m < 1:
         raise ValueError(f"optim.m must be a positive number of samples or null, got {cfg.m}")
+    from .variants import SAM_VARIANTS
+
+    if cfg.sam_variant not in SAM_VARIANTS:
+        raise ValueError(f"unknown optim.sam_variant {cfg.sam_variant!r}; choose one of "
+                         f"{', '.join(SAM_VARIANTS)}")
+    if cfg.sam_variant != "full" and not cfg.sam:
+        raise ValueError(f"optim.sam_variant={cfg.sam_variant} needs optim.sam=true")
+    if cfg.looksam_k < 1:
+        raise ValueError(f"optim.looksam_k must be >= 1 (a SAM step every k steps), got {cfg.looksam_k}")
+    if not cfg.looksam_alpha >= 0:
+        raise ValueError(f"optim.looksam_alpha must be >= 0, got {cfg.looksam_alpha}")
+    if not 0 <= cfg.sam_prob <= 1:
+        raise ValueError(f"optim.sam_prob must be in [0, 1] (the share of SAM steps), got {cfg.sam_prob}")
+    if cfg.sam_seed < 0:
+        raise ValueError(f"optim.sam_seed must be >= 0, got {cfg.sam_seed}")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -96,7 +118,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         base_cls = torch.optim.SGD
         kwargs = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": True}
     if cfg.sam:
+        from . import variants
         from .sam import SAM
 
-        return SAM(groups, base_cls, rho=cfg.rho, adaptive=cfg.adaptive, **kwargs)
+        sam = dict(rho=cfg.rho, adaptive=cfg.adaptive)
+        if cfg.sam_variant == "looksam":
+            return variants.LookSAM(groups, base_cls, **sam, k=cfg.looksam_k, alpha=cfg.looksam_alpha,
+                                    **kwargs)
+        if cfg.sam_variant == "random":
+            return variants.RandomSAM(groups, base_cls, **sam, prob=cfg.sam_prob, seed=cfg.sam_seed,
+                                      **kwargs)
+        if cfg.sam_variant == "sam-on":
+            return variants.SAMOn(variants.norm_only_groups(model, groups, cfg.rho), base_cls, **sam,
+                                  **kwargs)
+        return SAM(groups, base_cls, **sam, **kwargs)
     return base_cls(groups, **kwargs)

@@ -86,6 +86,9 @@ class SAM(Optimizer):
     perturbed gradient, NaN if ``track_cosine=False``, which saves one gradient copy).
     """
 
+    variant = "full"  # the cheaper variants (``vitsam.optim.variants``) name themselves
+    needs_clean = False  # first_step keeps a copy of the clean gradient even without the cosine
+
     def __init__(self, params: Iterable[Any], base_optimizer_cls: type[Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, track_cosine: bool = True, **base_kwargs: Any) -> None:
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, Optimizer)):
@@ -140,6 +143,11 @@ class SAM(Optimizer):
         """True between ``first_step`` and ``restore``/``second_step``."""
         return bool(self._saved)
 
+    def plan_step(self) -> bool:
+        """Whether the coming step perturbs (two passes); full SAM always does. The variants
+        in ``vitsam.optim.variants`` perturb on some steps only (``train_step`` asks this)."""
+        return True
+
     # -- the two passes -------------------------------------------------------------------
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -167,7 +175,7 @@ class SAM(Optimizer):
         # perturbed with one rho and no |w| scaling, eps is a positive multiple of it and is
         # kept anyway; otherwise the gradient is copied.
         self._eps_is_grad = len({f for f in flags}) == 1 and flags[0][0] > 0 and not flags[0][1]
-        need_copy = self.track_cosine and not self._eps_is_grad
+        need_copy = self.needs_clean or (self.track_cosine and not self._eps_is_grad)
         self._clean = list(zip(params, [g.clone() for g in grads])) if need_copy else []
         self._pending = True
 

@@ -1,5 +1,8 @@
 """One optimisation step: plain, or SAM's two passes, with accumulation, m-sharpness, AMP and DDP.
 
+A cheaper SAM variant (``vitsam.optim.variants``) plans each step: its SAM steps run as SAM's,
+the others as one forward-backward whose gradient the variant may change before the base step.
+
 The training engine calls :func:`train_step` once per batch and steps the LR scheduler itself.
 The criterion must return the *mean* loss over its batch (``reduction="mean"``, as
 ``nn.CrossEntropyLoss`` and soft-target cross-entropy do): micro-batch and chunk losses are
@@ -26,6 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from .sam import SAM, foreach_cosine, global_norm
+from .variants import LookSAM, ScheduledSAM
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -81,7 +85,9 @@ def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor
     clipping), ``skipped`` (1.0 if no optimiser step was taken), ``nonfinite`` (1.0 if that was
     because of a non-finite loss or gradient the GradScaler cannot handle), and for SAM also
     ``perturbed_loss``, ``sharpness`` (perturbed_loss - loss), ``eps_norm`` and ``grad_cosine``
-    (cosine between the clean and the perturbed gradient).
+    (cosine between the clean and the perturbed gradient), and ``perturbed`` (1.0 on a SAM step
+    taken, 0.0 on a skipped one and on a cheaper variant's step without perturbation, where the
+    four SAM numbers are NaN: ``vitsam.optim.variants``).
 
     A skipped step leaves the weights, the optimiser state, BatchNorm running statistics and the
     torch RNG exactly as they were (the module docstring says when a step is skipped). With an
@@ -97,8 +103,10 @@ def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor
         raise ValueError(f"cfg must be a StepConfig, got {type(cfg).__name__}")
     optimizer.zero_grad(set_to_none=True)
     before = _Untouched.take(model, x.device)
-    if isinstance(optimizer, SAM):
+    if isinstance(optimizer, SAM) and optimizer.plan_step():
         stats = _sam_step(model, criterion, x, y, optimizer, scaler, cfg)
+    elif isinstance(optimizer, ScheduledSAM):  # a cheaper SAM's step without perturbation
+        stats = _reuse_step(model, criterion, x, y, optimizer, scaler, cfg)
     else:
         stats = _plain_step(model, criterion, x, y, optimizer, scaler, cfg)
     if stats["skipped"]:
@@ -197,6 +205,8 @@ def _sam_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
         if use_scaler:
             scaler.unscale_(opt)
         final = _params_with_grad(opt)
+        if isinstance(opt, LookSAM):  # before clipping: g_v from the gradients as computed
+            _observe(model, opt, cfg, clean_acc if multi else None, params)
         final_norm = _final_norm(final, cfg.clip_norm)
         bad_loss, bad_grad = _nonfinite(model, [clean_sum, pert_sum], [grad_norm, final_norm])
         if bad_loss or bad_grad:
@@ -217,7 +227,56 @@ def _sam_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
     loss = clean_sum / seen
     return {"loss": loss, "correct": correct, "n": torch.tensor(float(n)), "grad_norm": grad_norm,
             "perturbed_loss": perturbed, "sharpness": perturbed - loss, "eps_norm": nan if overflow_first else eps_sum,
-            "grad_cosine": nan if skipped else cosine, "skipped": skipped, "nonfinite": nonfinite}
+            "grad_cosine": nan if skipped else cosine, "perturbed": torch.tensor(float(not skipped)),
+            "skipped": skipped, "nonfinite": nonfinite}
+
+
+def _reuse_step(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor,
+                opt: ScheduledSAM, scaler: torch.amp.GradScaler | None,
+                cfg: StepConfig) -> dict[str, torch.Tensor]:
+    """A cheaper SAM's step without perturbation: one pass, ``opt.reuse_gradient`` (LookSAM
+    adds its stored direction), clipping of the result, the base optimiser's step. SAM's
+    diagnostics are NaN (the engine averages them over the steps that have them)."""
+    use_scaler = scaler is not None and scaler.is_enabled()
+    n, dev = x.shape[0], x.device
+    loss_sum, correct = _forward_backward(model, criterion, x, y, n, cfg, scaler, sync=True)
+    if use_scaler:
+        scaler.unscale_(opt)
+    params = _params_with_grad(opt)
+    grad_norm = global_norm([p.grad for p in params])
+    opt.reuse_gradient(params, grad_norm)
+    final_norm = _final_norm(params, cfg.clip_norm)
+    bad_loss, bad_grad = _nonfinite(model, [loss_sum], [grad_norm, final_norm])
+    skipped = bad_loss or bad_grad
+    nonfinite = bad_loss or (bad_grad and not _scaler_can_help(scaler))
+    if not skipped:
+        opt.base_step()
+    if use_scaler:
+        scaler.update()
+    nan = torch.full((), float("nan"), device=dev)
+    return {"loss": loss_sum / n, "correct": correct, "n": torch.tensor(float(n)), "grad_norm": grad_norm,
+            "perturbed_loss": nan, "sharpness": nan, "eps_norm": nan, "grad_cosine": nan,
+            "perturbed": torch.zeros(()), "skipped": skipped, "nonfinite": nonfinite}
+
+
+def _observe(model: nn.Module, opt: LookSAM, cfg: StepConfig, clean_acc: list[torch.Tensor | None] | None,
+             params: list[torch.Tensor]) -> None:
+    """Give LookSAM this step's clean and perturbed gradients (``clean_acc``: the m-chunks'
+    batch-mean clean gradient, aligned with ``params``; None: the copy ``first_step`` kept).
+    Under DDP with per-process perturbations each process's g_v differs: they are averaged."""
+    if clean_acc is not None:
+        triples = [(c, p.grad, p) for c, p in zip(clean_acc, params) if c is not None and p.grad is not None]
+    else:
+        triples = [(c, p.grad, p) for p, c in opt._clean if p.grad is not None]
+    if not triples:
+        return
+    gv = opt.observe([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples])
+    if isinstance(model, DistributedDataParallel) and not cfg.sync_perturbation and \
+            dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        for t in gv:
+            dist.all_reduce(t)
+            t.div_(world)
 
 
 # -- passes ---------------------------------------------------------------------------------

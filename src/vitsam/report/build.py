@@ -40,7 +40,7 @@ def _records(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"{d} is not a folder; give a study folder or run folders")
-        order = ["main", "augment", "inside", "sharpness", "geometry"]
+        order = ["main", "augment", "inside", "sharpness", "geometry", "noise", "sam-variants"]
         studies = sorted(d.glob("study-*.json"),
                          key=lambda p: (order.index(p.stem[6:]) if p.stem[6:] in order else 99, p.stem))
         if studies:
@@ -75,6 +75,9 @@ def _runs_record(runs: list[Path]) -> tuple[Path, dict[str, Any]]:
         aug = cfg["data"].get("augment") == "strong"
         method = {(False, False): "vanilla", (True, False): "sam", (False, True): "aug",
                   (True, True): "sam-aug"}[(bool(sam), aug)]
+        variant = cfg["optim"].get("sam_variant", "full")
+        if sam and variant != "full":  # a cheaper SAM (vitsam.optim.variants) by its own name
+            method = variant + ("-aug" if aug else "")
         rel = r.resolve().relative_to(parent.resolve()) if r.resolve().is_relative_to(
             parent.resolve()) else r.resolve()
         grid.append({"name": str(rel), "family": fam, "method": method,

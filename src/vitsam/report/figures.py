@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..io import read_jsonl  # noqa: E402
 from ..runfiles import read_run_file  # noqa: E402
 
-COLORS = {"vanilla": "tab:blue", "sam": "tab:red", "aug": "tab:green", "sam-aug": "tab:purple"}
+COLORS = {"vanilla": "tab:blue", "sam": "tab:red", "aug": "tab:green", "sam-aug": "tab:purple",
+          "looksam": "tab:orange", "sam-on": "tab:brown", "random": "tab:pink"}
 
 
 def _save(fig: Any, path: Path) -> Path:

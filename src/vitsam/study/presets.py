@@ -10,7 +10,9 @@ throughput). Scales size the same grid for a budget:
     paper  the paper's ImageNet recipes (set --root to an ImageFolder tree)
 
 Cell names are ``<family>-<method>[-f<fraction>]-s<seed>``; the method is ``vanilla``, ``sam``,
-``aug`` (strong augmentation: RandAugment + Mixup) or ``sam-aug``. A cell on the whole training
+``aug`` (strong augmentation: RandAugment + Mixup), ``sam-aug``, or one of the cheaper SAM
+variants ``looksam``, ``sam-on`` and ``random`` (``vitsam.optim.variants``, at their defaults:
+LookSAM k = 5, alpha = 0.7; SAM on a random fifth of the steps, the same expected cost). A cell on the whole training
 set has no fraction in its name, so ``augment``'s fraction-1 vanilla and SAM cells are ``main``'s
 cells and a study folder holding both trains them once.
 """
@@ -26,6 +28,8 @@ from ..presets import get_preset
 SCALES = ("smoke", "cpu", "gpu", "paper")
 FAMILIES = ("resnet", "vit", "mixer")
 METHODS = ("vanilla", "sam", "aug", "sam-aug")
+VARIANT_METHODS = ("looksam", "sam-on", "random")  # each its optim.sam_variant
+SAM_METHODS = ("sam", "sam-aug", *VARIANT_METHODS)
 FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 
 # Why the cpu scale looks the way it does (measured on the shared CIFAR-10, one thread a run):
@@ -105,7 +109,7 @@ class Study:
 
 
 def _base(family: str, method: str, scale: str) -> RunConfig:
-    sam = method in ("sam", "sam-aug")
+    sam = method in SAM_METHODS
     if scale == "smoke":
         # The presets' smoke sizes on sklearn's 8x8 digits (patch 4: 4 tokens), so that a
         # whole grid with its analyses runs in seconds.
@@ -131,6 +135,8 @@ def _base(family: str, method: str, scale: str) -> RunConfig:
                                     ckpt_every_epochs=10))
     if method in ("aug", "sam-aug"):
         cfg = replace(cfg, data=replace(cfg.data, augment="strong"))
+    if method in VARIANT_METHODS:
+        cfg = replace(cfg, optim=replace(cfg.optim, sam_variant=method))
     return cfg
 
 
@@ -198,6 +204,11 @@ def _noise_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
         cfg = replace(c.config, name=name, data=replace(c.config.data, label_noise=NOISE_RATE))
         cells.append(replace(c, name=name, config=cfg))
     return cells
+
+
+def _variants_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    return [_cell(f, m, s, scale) for f in ("vit", "mixer")
+            for m in ("vanilla", "sam", *VARIANT_METHODS) for s in seeds]
 
 
 # The demo: the paper's story in minutes on 2 cores. The ViT pair trains long enough to fit its
@@ -279,6 +290,14 @@ STUDIES: dict[str, Study] = {
                       "cells and their checkpoints)", _sharpness_grid, ("blocks", "trajectory"),
                       ("test_acc", "lambda_max", "block_lambda_max", "trajectory_explained"),
                       _settings, reuses="sharpness"),
+
+
+    "sam-variants": Study("sam-variants", "Cheaper SAM: ViT and Mixer x {vanilla, SAM, LookSAM "
+                          "(k=5), SAM-ON (normalisation layers only), SAM on a random fifth of "
+                          "the steps}: accuracy, Hessian lambda_max and training images/s against "
+                          "full SAM (reuses main's vanilla and SAM cells)", _variants_grid,
+                          ("hessian",), ("test_acc", "lambda_max", "train_images_per_s"),
+                          _settings, reuses="main"),
 }
 
 

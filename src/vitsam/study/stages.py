@@ -35,6 +35,7 @@ from .presets import Cell, StageSettings
 STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness",
           "blocks", "trajectory")
 MARKER = "cell.json"
+_VARIANT_KEYS = ("sam_variant", "looksam_k", "looksam_alpha", "sam_prob", "sam_seed")
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -42,8 +43,8 @@ def fingerprint(cfg: RunConfig) -> str:
     output folder, how many faulty steps in a row stop it, or what to do with unreadable files:
     a finished run is the same either way, and cells trained before those settings existed
     still match). A setting added later with a default that trains as before
-    (``train.sync_batchnorm=false``, ``data.label_noise=0``) is left out at that default, for
-    the same reason."""
+    (``train.sync_batchnorm=false``, ``data.label_noise=0``; the cheaper SAM keys while
+    ``optim.sam_variant=full``) is left out at that default, for the same reason."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
     d["data"].pop("bad_files", None)
@@ -52,6 +53,9 @@ def fingerprint(cfg: RunConfig) -> str:
     if not d["data"].get("label_noise"):
         d["data"].pop("label_noise", None)
         d["data"].pop("label_noise_kind", None)
+    if d["optim"].get("sam_variant", "full") == "full":  # then the variants' keys change nothing
+        for key in _VARIANT_KEYS:
+            d["optim"].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -3,7 +3,8 @@
 ``collect`` reads only run folders (``final.json``, ``analysis.json``, ``eval.json``,
 ``sharpness.json``, ``cell.json``); ``aggregate`` groups the cells of one row (family, method,
 training fraction) over their seeds into mean, spread (sample standard deviation; 0 for one
-seed) and count. A SAM-minus-baseline difference is *significant* only when both sides have
+seed) and count. A method-minus-baseline difference (SAM - vanilla, a cheaper SAM variant -
+full SAM) is *significant* only when both sides have
 at least two seeds and the difference exceeds the sum of their spreads.
 """
 from __future__ import annotations
@@ -38,6 +39,8 @@ COLUMNS: dict[str, tuple[str, str, bool | None]] = {
     "block_lambda_max": ("largest block lambda_max", "{:.4g}", False),
     "trajectory_explained": ("path on top-2 PCs %", "{:.1f}", None),
 }
+# method -> the method its difference row compares it with
+BASELINES = {"sam": "vanilla", "sam-aug": "aug", "looksam": "sam", "sam-on": "sam", "random": "sam"}
 SCALE = {"params": 1e-6, "test_acc": 100.0, "train_acc": 100.0, "corrupt_acc": 100.0,
          "trajectory_explained": 100.0, "noisy_memorised": 100.0, "noisy_true": 100.0}
 
@@ -169,11 +172,12 @@ def significant(a: dict[str, float] | None, b: dict[str, float] | None) -> bool 
 
 
 def differences(agg: list[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
-    """SAM minus its baseline (vanilla, or AUG for SAM+AUG) per family, fraction and column."""
+    """Each method minus its baseline (``BASELINES``: SAM - vanilla, SAM+AUG - AUG, a cheaper
+    SAM variant - full SAM) per family, fraction and column."""
     index = {(r["family"], r["method"], r["fraction"]): r for r in agg}
     out = []
     for (fam, meth, frac), r in index.items():
-        base = {"sam": "vanilla", "sam-aug": "aug"}.get(meth)
+        base = BASELINES.get(meth)
         if base is None or (fam, base, frac) not in index:
             continue
         b = index[(fam, base, frac)]

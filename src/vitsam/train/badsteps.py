@@ -113,7 +113,11 @@ def _message(tr: Any, run_dir: Path, step: int, first: int, limit: int, name: st
 
 
 def step_counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """``{skipped_steps, nonfinite_steps}``: totals over a run's training log records."""
+    """``{skipped_steps, nonfinite_steps}`` and, for SAM runs, ``perturbed_steps``: totals over
+    a run's training log records."""
     recs = [r for r in records if "skipped_steps" in r]
-    return {"skipped_steps": int(sum(r["skipped_steps"] for r in recs)),
-            "nonfinite_steps": int(sum(r.get("nonfinite_steps", 0) for r in recs))}
+    out = {"skipped_steps": int(sum(r["skipped_steps"] for r in recs)),
+           "nonfinite_steps": int(sum(r.get("nonfinite_steps", 0) for r in recs))}
+    if any("perturbed_steps" in r for r in recs):
+        out["perturbed_steps"] = int(sum(r.get("perturbed_steps", 0) for r in recs))
+    return out

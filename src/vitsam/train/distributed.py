@@ -52,7 +52,7 @@ from . import signals
 from .checkpoint import rng_state, set_rng_state
 
 _SUM = ("correct", "n")  # per-process counts, added up
-_ANY = ("skipped", "nonfinite")  # flags (already agreed by train_step), 1 if any process set them
+_ANY = ("skipped", "nonfinite", "perturbed")  # flags (agreed by train_step), 1 if any process set them
 _SAME = ("lr",)  # the same in every process
 
 

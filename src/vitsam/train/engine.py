@@ -176,11 +176,14 @@ class _Meter:
     def flush(self) -> dict[str, float]:
         s = self.sums
         rec = {k: (v / self.counts[k] if self.counts[k] else float("nan"))
-               for k, v in s.items() if k not in ("correct", "n", "skipped", "nonfinite", "n_bad")}
+               for k, v in s.items() if k not in ("correct", "n", "skipped", "nonfinite", "n_bad",
+                                                   "perturbed")}
         rec.setdefault("loss", float("nan"))
         rec["acc"] = s.get("correct", 0.0) / max(s["n"], 1.0) if "n" in s else float("nan")
         rec["skipped_steps"] = s.get("skipped", 0.0)
         rec["nonfinite_steps"] = s.get("nonfinite", 0.0)
+        if "perturbed" in s:  # SAM: how many of the interval's steps perturbed (the variants' cost)
+            rec["perturbed_steps"] = s["perturbed"]
         rec["images_per_s"] = (s.get("n", 0.0) + s.get("n_bad", 0.0)) / max(self.seconds, 1e-9)
         self._reset()
         return rec
@@ -525,6 +528,7 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
     records = list(read_jsonl(metrics_path)) if tr.group.is_main else []
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
              "params": count_params(tr.model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
+             **({"sam_variant": cfg.optim.sam_variant} if cfg.optim.sam else {}),
              "steps": step, "epochs": step / tr.timeline.steps_per_epoch,
              "test_acc": test["top1"], "test_top5": test["top5"], "test_loss": test["nll"],
              "test_ece": test["ece"], "train_acc": train_acc["top1"],
