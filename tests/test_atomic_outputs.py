@@ -1,5 +1,6 @@
-"""Figures are written atomically (docs/reliability.md): a drawing that fails midway keeps the
-previous figure and leaves no temporary file; every figure goes through ``vitsam.io.save_figure``."""
+"""Outputs written atomically (docs/reliability.md): a figure whose drawing fails midway keeps
+the previous figure and leaves no temporary file, and every figure goes through
+``vitsam.io.save_figure``; a study's error file of a failed cell is replaced whole or not at all."""
 from __future__ import annotations
 
 import errno
@@ -63,3 +64,37 @@ def test_every_figure_goes_through_save_figure() -> None:
     callers = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
                      if re.search(r"\.savefig\(", p.read_text()))
     assert callers == ["io.py"]
+
+
+def test_a_study_error_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    import os
+
+    import vitsam.io
+    from vitsam.study import runner
+    from vitsam.study.presets import get_study
+
+    cell = "vit-vanilla-s0"
+    tracebacks = iter(["Traceback A: the first failure\n", "Traceback B: the second\n"])
+
+    def failing(*args, **kwargs):
+        return {"status": "failed", "error": "RuntimeError: no", "traceback": next(tracebacks)}
+
+    monkeypatch.setattr(runner, "_worker", failing)
+    study = get_study("augment")
+    with pytest.raises(runner.StudyFailed, match=cell):
+        runner.run_study(study, "smoke", tmp_path, only=[cell], progress=False)
+    error = tmp_path / "_shared" / f"{cell}.error.txt"
+    assert error.read_text() == "Traceback A: the first failure\n"
+
+    real_replace = os.replace
+
+    def full_disk_at_the_error_file(src, dst):
+        if str(dst).endswith(".error.txt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(vitsam.io.os, "replace", full_disk_at_the_error_file)
+    with pytest.raises(OSError, match="No space left"):
+        runner.run_study(study, "smoke", tmp_path, only=[cell], progress=False)
+    assert error.read_text() == "Traceback A: the first failure\n"
+    assert [p.name for p in error.parent.iterdir()] == [error.name]  # no temporary file
