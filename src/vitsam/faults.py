@@ -1,5 +1,5 @@
 """Test-only fault points: make a process pause or fail at a named moment, so that a test can
-kill it exactly there (docs/reliability-train.md).
+kill it exactly there (docs/reliability.md).
 
 ``VITSAM_FAULT`` holds comma-separated entries ``<action>_at:<point>[@<n>]``; each acts the n-th
 time (default: the first) this process reaches ``point``:
