@@ -98,3 +98,25 @@ def test_corrupt_and_eval_chain(tmp_path, capsys) -> None:
     assert result["throughput"]["inference"]["images_per_s"] > 0
     assert (run / "corruption_heatmap.png").exists()
     assert "mCE" in capsys.readouterr().out
+
+
+def test_help_does_not_import_matplotlib() -> None:
+    """The parser (``vitsam --help``, every usage error) leaves matplotlib unimported: figures
+    import it when they draw. A fresh interpreter, as the shell starts one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import vitsam
+
+    code = ("import contextlib, io, sys\n"
+            "from vitsam.cli import build_parser, main\n"
+            "build_parser()\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    rc = main(['--help'])\n"
+            "print(rc, 'usage: vitsam' in out.getvalue(), 'matplotlib' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(vitsam.__file__).parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.stdout.split() == ["0", "True", "False"], res.stderr

@@ -1,4 +1,4 @@
-"""Training under faults, with real processes and real signals (docs/reliability-train.md).
+"""Training under faults, with real processes and real signals (docs/reliability.md).
 
 SIGKILL at chosen moments, SIGINT and SIGTERM, a damaged latest checkpoint, a full disk and two
 processes on one run folder: each interrupted run, resumed with ``vitsam train --resume``, must

@@ -1,5 +1,5 @@
 """Test-only fault points: make a process pause or fail at a named moment, so that a test can
-kill it exactly there (docs/reliability-train.md).
+kill it exactly there (docs/reliability.md).
 
 ``VITSAM_FAULT`` holds comma-separated entries ``<action>_at:<point>[@<n>]``; each acts the n-th
 time (default: the first) this process reaches ``point``:
@@ -13,7 +13,8 @@ Points: ``step`` (an optimiser step after its update, before its scheduler step)
 (a checkpoint half written: weights written, optimiser state and state.json not yet), ``eval``
 (an evaluation during training, before it starts), ``restore`` (a resume that has copied the old
 log aside but not yet rewritten metrics.jsonl), ``finish`` (the final evaluation, before it
-starts). Unset, ``point`` costs one environment look-up.
+starts), ``folder`` (a train, prune or study process that has just taken its output folder's lock,
+before it writes there; ``vitsam.train.runlock``). Unset, ``point`` costs one environment look-up.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import errno
 import os
 import signal
 
-POINTS = ("step", "ckpt_write", "eval", "restore", "finish")
+POINTS = ("step", "ckpt_write", "eval", "restore", "finish", "folder")
 ACTIONS = ("pause", "enospc")
 
 _parsed: tuple[str, dict[tuple[str, int], str]] = ("", {})

@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes (never leave a half-written file behind), locks, JSON lines.
+"""Small file helpers: atomic writes (never leave a half-written file behind; figures too, with
+``save_figure``), locks, JSON lines.
 
 Atomic writes create their file as ``open()`` would (mode 0o666 less the umask), so files in a
 shared folder are as readable as the user's other files. Read-modify-write of a shared file
@@ -125,6 +126,26 @@ def _clean(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
         return _clean(obj.item())
     return obj
+
+
+def save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Draw the matplotlib figure ``fig`` into ``path`` atomically, close it and return ``path``.
+
+    Every figure vitsam writes goes through here. The format follows the suffix (``.png``,
+    ``.pdf``, ``.svg``); ``savefig_kwargs`` go to ``fig.savefig`` (``dpi``, ``bbox_inches``). An
+    error while drawing (a full disk, a failing artist, Ctrl-C) leaves the previous file at
+    ``path`` as it was and no temporary file (``atomic_writer``); the figure is closed either way,
+    as pyplot keeps every open figure alive.
+    """
+    path = Path(path)
+    try:
+        with atomic_writer(path) as fh:
+            fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png", **savefig_kwargs)
+    finally:
+        import matplotlib.pyplot as plt  # already imported by whoever drew ``fig``
+
+        plt.close(fig)
+    return path
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitsam.exact import scaled
+from vitsam.io import save_figure
 from vitsam.models.attention import attention_modules, capture_attention
 from vitsam.models.modes import eval_mode
 from vitsam.progress import progress_bar
@@ -389,10 +390,7 @@ def figures(results: dict | Sequence, out_dir: str | Path) -> list[Path]:
                 ax.text(0.02, 0.98, f"{ents[i]:.2f}", transform=ax.transAxes, va="top", fontsize=7,
                         color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1})
         fig.suptitle(f"Attention maps ({title}); entropy in nats, lower = more focused", fontsize=10)
-        path = out / f"attention_{key}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / f"attention_{key}.png", dpi=100, bbox_inches="tight"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, r, _ in runs:
@@ -400,8 +398,5 @@ def figures(results: dict | Sequence, out_dir: str | Path) -> list[Path]:
     ax.axhline(runs[0][1]["max_entropy"], color="gray", ls="--", lw=1, label="uniform")
     ax.set(xlabel="block", ylabel="class-token attention entropy (nats)")
     ax.legend(fontsize=8)
-    path = out / "attention_entropy.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, out / "attention_entropy.png", dpi=100, bbox_inches="tight"))
     return paths

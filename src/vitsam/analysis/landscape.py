@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..io import atomic_write_json, atomic_writer, remove_stale_temporaries
+from ..eval.metrics import top1_hits
+from ..io import atomic_write_json, remove_stale_temporaries, save_figure
 from ..models.modes import eval_mode
 from ..progress import progress_bar
 
@@ -175,12 +176,18 @@ def grid_coordinates(span: tuple[float, float], steps: int) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Sequence[Batch]) -> tuple[float, float]:
-    """Mean cross-entropy (nats per sample) and top-1 accuracy (0-1) of ``model`` over ``batches``."""
-    loss_sum, correct, n = 0.0, 0, 0
+    """Mean cross-entropy (nats per sample) and top-1 accuracy (0-1) of ``model`` over ``batches``.
+
+    Far from the centre the logits can overflow: the loss is then NaN or inf (stored as null),
+    and the accuracy counts a row holding a NaN as wrong and a tie for the top score as
+    1 / number tied when the label is among them (``top1_hits``, as ``vitsam eval`` counts), so
+    it never depends on which tied index an argmax returns first.
+    """
+    loss_sum, correct, n = 0.0, 0.0, 0
     for x, y in batches:
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum").double())
-        correct += int((logits.argmax(dim=-1) == y).sum())
+        correct += top1_hits(logits.float(), y)
         n += int(y.numel())
     return loss_sum / n, correct / n
 
@@ -412,7 +419,4 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path,
             ax2.plot([0], [0], "k+")
         fig.colorbar(cs, ax=fig.axes[1::2], shrink=0.8, label=f"train loss (nats), {l2}")
         path = out / "landscape_2d.png"
-    with atomic_writer(path) as fh:  # a kill while drawing never leaves a half-written PNG
-        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, path, dpi=120, bbox_inches="tight")]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vitsam.analysis.state import analysis_state
+from vitsam.io import save_figure
 from vitsam.progress import progress_bar
 
 CONVENTIONS = ("sum-logits", "trace", "full")
@@ -428,7 +429,4 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> 
     fig.tight_layout()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "ntk_spectrum.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir / "ntk_spectrum.png", dpi=130)]

@@ -21,11 +21,19 @@ Least-active units (optional ``ratio``)
     (image, position) pairs with output > 0, the paper's notion of activity), ties broken by the
     mean magnitude of the unit's contribution ``mean|a_j| * ||fc2[:, j]||``; ranking is global over
     all MLPs (a SAM model's sparse early blocks give up more units). ``criterion="contribution"``
-    ranks by that contribution alone.
+    ranks by that contribution alone. Equal keys keep network order (MLP order, then unit index),
+    so the choice never depends on the sort; a unit with a NaN statistic ranks as most active.
+
+Ties and NaN in the reported numbers
+    Accuracies count a tie for the top score as 1 / number tied when the label is among them and
+    a row with a NaN logit as wrong (``vitsam.eval.metrics.top1_hits``, as ``vitsam eval``
+    does); the argmax agreement compares the sets of top-scoring classes (``same_top1``); the
+    largest logit change is NaN (null in JSON) when a logit is NaN, never a smaller number.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -35,7 +43,9 @@ import torch
 from torch import nn
 
 from vitsam.analysis.sparsity import UnitStats, batch_inputs, record_units
+from vitsam.eval.metrics import same_top1, top1_hits
 from vitsam.exact import scaled
+from vitsam.io import save_figure
 from vitsam.models import count_params
 from vitsam.models.attention import math_attention
 from vitsam.models.modes import eval_mode, restore_modes
@@ -109,13 +119,18 @@ def _unit_table(model: nn.Module, stats: dict[str, UnitStats], tol: float) -> li
 def _plan(rows: list[dict[str, Any]], n_remove: int, criterion: str, min_keep: int
           ) -> dict[str, np.ndarray]:
     """Indices of the units each MLP keeps after removing ``n_remove`` units, least active
-    first, never leaving an MLP with fewer than ``min_keep`` units."""
+    first, never leaving an MLP with fewer than ``min_keep`` units. The order is deterministic:
+    ties in every key go in network order, a NaN statistic counts as the most active."""
     mlp_id = np.concatenate([np.full(r["units"], i) for i, r in enumerate(rows)])
     unit = np.concatenate([np.arange(r["units"]) for r in rows])
     dead = np.concatenate([r["dead"] for r in rows])
     freq = np.concatenate([r["freq"] for r in rows])
     contrib = np.concatenate([r["contrib"] for r in rows])
-    # np.lexsort sorts by the last key first.
+    # A NaN statistic (NaN activations or fc2 weights) ranks as most active: such a unit is
+    # never removed before a finite one. Ties keep network order (MLP order, then unit index):
+    # np.lexsort is stable and sorts by the last key first.
+    freq = np.where(np.isnan(freq), np.inf, freq)
+    contrib = np.where(np.isnan(contrib), np.inf, contrib)
     order = (np.lexsort((contrib, freq, ~dead)) if criterion == "frequency"
              else np.lexsort((contrib, ~dead)))
     left = np.array([r["units"] for r in rows])
@@ -153,17 +168,25 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int) -> int:
     return int(counter.get_total_flops())
 
 
+def _worst(worst: float, a: torch.Tensor, b: torch.Tensor) -> float:
+    """max(worst, largest |a - b|), NaN as soon as either holds a NaN: ``max(0.0, nan)`` would
+    silently keep 0.0, reporting a model with NaN logits as unchanged."""
+    d = float((a - b).abs().max()) if a.numel() else 0.0
+    return math.nan if math.isnan(d) or math.isnan(worst) else max(worst, d)
+
+
 @torch.no_grad()
 def _logit_change(model: nn.Module, batches: Sequence[Any], ref: list[torch.Tensor]
                   ) -> tuple[float, float]:
-    """(largest |logit - ref|, fraction of images whose argmax is unchanged)."""
+    """(largest |logit - ref|, NaN if a logit is NaN; fraction of images whose top-1 prediction
+    is unchanged, ``same_top1``: ties compared as sets, NaN rows never agree)."""
     device = _param_device(model)
     worst, same, n = 0.0, 0, 0
     with eval_mode(model):
         for batch, r in zip(batches, ref):
             out = model(batch_inputs(batch).to(device)).float().cpu()
-            worst = max(worst, float((out - r).abs().max()))
-            same += int((out.argmax(1) == r.argmax(1)).sum())
+            worst = _worst(worst, out, r)
+            same += int(same_top1(out, r).sum())
             n += r.shape[0]
     return worst, same / max(n, 1)
 
@@ -205,12 +228,12 @@ def prune_model(model: nn.Module, calib_batches: Iterable[Any], ratio: float | N
 
 
 def _accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
+    """Top-1 accuracy as ``vitsam eval`` counts it (``top1_hits``: ties fairly, NaN rows wrong)."""
     device = _param_device(model)
-    correct = n = 0
+    correct, n = 0.0, 0
     with eval_mode(model), torch.no_grad():
         for x, y in batches:
-            pred = model(x.to(device)).argmax(1).cpu()
-            correct += int((pred == y.cpu()).sum())
+            correct += top1_hits(model(x.to(device)).float(), y)
             n += int(y.numel())
     if n == 0:
         raise PruneError("the evaluation set is empty; give at least one (x, y) batch")
@@ -281,43 +304,54 @@ def figures(curves: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> l
     if any(label for label, _ in runs):
         ax.legend()
     fig.tight_layout()
-    path = out_dir / "prune_curve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir / "prune_curve.png", dpi=120)]
 
 
 # -- whole runs ----------------------------------------------------------------------------------
 
 def _compare(full: nn.Module, pruned: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
-    """Test accuracy of both models, their argmax agreement and largest logit change, one pass."""
+    """Test accuracy of both models, their top-1 agreement and largest logit change, one pass
+    (ties and NaN as in ``_accuracy`` and ``_logit_change``)."""
     dev_f, dev_p = _param_device(full), _param_device(pruned)
-    c_full = c_pruned = same = n = 0
+    c_full = c_pruned = 0.0
+    same = n = 0
     worst = 0.0
     with eval_mode(full, pruned), torch.no_grad():
         for x, y in batches:
             a = full(x.to(dev_f)).float().cpu()
             b = pruned(x.to(dev_p)).float().cpu()
             y = y.cpu()
-            c_full += int((a.argmax(1) == y).sum())
-            c_pruned += int((b.argmax(1) == y).sum())
-            same += int((a.argmax(1) == b.argmax(1)).sum())
-            worst = max(worst, float((a - b).abs().max()))
+            c_full += top1_hits(a, y)
+            c_pruned += top1_hits(b, y)
+            same += int(same_top1(a, b).sum())
+            worst = _worst(worst, a, b)
             n += int(y.numel())
     n = max(n, 1)
     return {"test_acc_before": c_full / n, "test_acc_after": c_pruned / n,
             "test_argmax_agreement": same / n, "test_max_abs_logit_change": worst}
 
 
+MAX_BAD_FINETUNE_STEPS = 3
+
+
 def _finetune(model: nn.Module, bundle: Any, steps: int, batch_size: int, lr: float, seed: int,
-              device: str | torch.device, progress: bool | None) -> list[float]:
+              device: str | torch.device, progress: bool | None) -> tuple[list[float], int]:
     """A few AdamW steps on the training set (its usual augmentation) in train mode; every
-    module's mode is restored afterwards. Returns the losses."""
+    module's mode is restored afterwards. Returns (the loss of every step, NaN where it was not
+    finite; the number of steps skipped).
+
+    A step whose loss or gradient norm is not finite is skipped as the trainer skips it: no
+    update, the optimiser state untouched, the step still counted. ``MAX_BAD_FINETUNE_STEPS`` such
+    steps in a row (or all of them, when fewer are asked for) stop with a ``PruneError`` naming
+    the step and the likely causes, rather than writing a model whose weights may be NaN.
+    """
     from vitsam.data import train_batches
 
     batch_size = min(batch_size, len(bundle.train))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
+    skipped = streak = 0
     bar = progress_bar(total=steps, desc="fine-tune", disable=_bar_off(progress))
     epoch = 0
     with restore_modes(model):
@@ -329,15 +363,31 @@ def _finetune(model: nn.Module, bundle: Any, steps: int, batch_size: int, lr: fl
                 loss = nn.functional.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                losses.append(loss.item())
+                norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # NaN/inf if any grad is
+                if torch.isfinite(loss) and torch.isfinite(norm):
+                    opt.step()
+                    losses.append(loss.item())
+                    streak = 0
+                else:  # clipping scaled the bad gradients, but nothing was applied
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(float("nan"))
+                    skipped += 1
+                    streak += 1
+                    if streak >= min(MAX_BAD_FINETUNE_STEPS, steps):
+                        bar.close()
+                        what = "loss" if not torch.isfinite(loss) else "gradient"
+                        raise PruneError(
+                            f"fine-tuning step {len(losses)} of {steps} had a non-finite {what} "
+                            f"({streak} in a row, nothing written); likely causes: a learning "
+                            f"rate too high (finetune_lr={lr:g}), or a pruned model whose outputs "
+                            "are already non-finite (check test_acc_after); try a smaller "
+                            "learning rate or --finetune-steps 0")
                 bar.update(1)
                 if len(losses) >= steps:
                     break
             epoch += 1
     bar.close()
-    return losses
+    return losses, skipped
 
 
 def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
@@ -350,15 +400,16 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
 
     Calibrates on ``calib`` training images drawn with ``seed``, prunes (see ``prune_model``),
     compares test accuracy before/after (no retraining), parameters, FLOPs per image and
-    measured inference images/s, optionally fine-tunes ``finetune_steps`` AdamW steps, and writes
+    measured inference images/s, optionally fine-tunes ``finetune_steps`` AdamW steps (non-finite
+    steps skipped and counted, too many in a row stop it: see ``_finetune``), and writes
     ``out_dir`` (loadable by every command; its model spec carries ``mlp_hidden``) with
     ``prune.json`` holding the returned report. ``curve_ratios`` adds an accuracy-vs-ratio curve
-    on the test set (``prune_curve``) and its figure.
+    on the test set (``prune_curve``) and its figure. The process holds ``out_dir``
+    (``vitsam.train.runlock``) from its first check to its last write; another process there
+    stops it at once with ``RunFolderBusy`` naming that process.
     """
-    from vitsam.config import from_dict
-    from vitsam.data import DataConfig, build_data, eval_batches
-    from vitsam.io import atomic_write_json
-    from vitsam.train.checkpoint import check_new_run_dir, load_run, save_model_run
+    from vitsam.train import runlock
+    from vitsam.train.checkpoint import check_new_run_dir
 
     _check_settings(ratio, tol, criterion, 1)
     if not isinstance(calib, int) or calib < 1:
@@ -369,7 +420,28 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
         raise PruneError(f"batch_size must be a positive integer, got {batch_size!r}")
     if Path(out_dir).resolve() == Path(run_dir).resolve():
         raise PruneError("out_dir must differ from run_dir; the pruned model is a new run folder")
-    check_new_run_dir(out_dir)  # before the work, not after it
+    out = check_new_run_dir(out_dir)  # before the work, not after it
+    made = not out.exists()
+    runlock.raise_if_busy(out)  # another process writing there: say which
+    out.mkdir(parents=True, exist_ok=True)
+    # Held from the check to the last write: two prunes (or a prune and a training) on one
+    # folder cannot both find it free and then overwrite each other's files.
+    with runlock.hold(out, remove_if_unused=made, command="vitsam prune"):
+        check_new_run_dir(out)  # again, holding the folder
+        return _prune_into(run_dir, out, calib, ratio, finetune_steps, batch_size, device, tol,
+                           criterion, finetune_lr, seed, measure_speed, curve_ratios, progress)
+
+
+def _prune_into(run_dir: str | Path, out_dir: Path, calib: int, ratio: float | None,
+                finetune_steps: int, batch_size: int, device: str, tol: float, criterion: str,
+                finetune_lr: float, seed: int, measure_speed: bool,
+                curve_ratios: Sequence[float] | None, progress: bool | None) -> dict[str, Any]:
+    """``prune_run``'s work, in the folder ``out_dir`` it holds."""
+    from vitsam.config import from_dict
+    from vitsam.data import DataConfig, build_data, eval_batches
+    from vitsam.io import atomic_write_json
+    from vitsam.train.checkpoint import load_run, save_model_run
+
     run = load_run(run_dir, device=device)
     spec = run.model_spec
     img_size, in_chans = int(spec["img_size"]), int(spec["in_chans"])
@@ -398,10 +470,12 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
             speed = inference_throughput(m, batch_size, img_size, in_chans, device=device)
             report[f"images_per_s_{key}"] = float(speed["images_per_s"])
     if finetune_steps:
-        losses = _finetune(pruned, bundle, finetune_steps, batch_size, finetune_lr, seed, device,
-                           progress)
+        losses, skipped = _finetune(pruned, bundle, finetune_steps, batch_size, finetune_lr,
+                                    seed, device, progress)
+        finite = [v for v in losses if math.isfinite(v)]
         report["finetune"] = {"steps": finetune_steps, "lr": finetune_lr, "optimizer": "AdamW",
-                              "first_loss": losses[0], "last_loss": losses[-1],
+                              "first_loss": finite[0], "last_loss": finite[-1],
+                              "nonfinite_steps": skipped,
                               "test_acc": _accuracy(pruned, test_batches())}
     if curve_ratios is not None:
         report["curve"] = prune_curve(run.model, calib_set, test_batches, curve_ratios, tol=tol,

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from vitsam.io import save_figure
 from vitsam.models.modes import eval_mode
 from vitsam.models.surgery import mlp_modules
 from vitsam.progress import progress_bar
@@ -280,7 +281,4 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> 
     if any(label for label, _ in runs):
         axes[0][0].legend()
     fig.tight_layout()
-    path = out_dir / "sparsity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir / "sparsity.png", dpi=120)]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_writer
+from ..io import save_figure
 from ..models.modes import eval_mode
 from ..progress import progress_bar
 from ..train.checkpoint import list_checkpoints, read_checkpoint
@@ -223,8 +223,4 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> 
     fig = plot_trajectories(pairs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "trajectory.png"
-    with atomic_writer(path) as fh:
-        fig.savefig(fh, format="png", dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out / "trajectory.png", dpi=120)]

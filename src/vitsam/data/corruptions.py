@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from ..io import (DamagedFileError, atomic_write_json, atomic_writer, inside, locked,
-                  remove_stale_temporaries, sha256_file)
+                  remove_stale_temporaries, save_figure, sha256_file)
 from ..progress import progress_bar
 from ..runfiles import BOOL, NUM, REL, STR, check
 from . import cifar_c
@@ -642,8 +642,4 @@ def contact_sheet(
     axes[0, 0].set_title("clean", fontsize=8)
     fig.suptitle(f"corruptions ({params})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
-    out = Path(out_path)
-    with atomic_writer(out) as fh:  # a kill while drawing never leaves a half-written PNG
-        fig.savefig(fh, format="png", dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path, dpi=100)

@@ -58,6 +58,26 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
     return hit.masked_fill(s.isnan().any(1), 0.0)
 
 
+def top1_hits(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The expected number of rows right at top-1 (``topk_hits`` for k = 1, summed): ties for
+    the top score count 1 / number tied when the target is among them, a NaN row counts 0.
+
+    logits: (N, C) scores; targets: (N,) int class indices. Not checked (callers' own data).
+    """
+    labels = F.one_hot(targets.detach().long().cpu(), logits.shape[1]).bool()
+    return float(topk_hits(logits.detach().cpu(), labels, 1).sum())
+
+
+def same_top1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: rows where the scores ``a`` and ``b`` (N, C) give the same top-1 prediction,
+    i.e. the same set of top-scoring classes (a tie in one and not in the other differs); a row
+    holding a NaN in either never agrees. Independent of tie order and device."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    top_a = a == a.amax(1, keepdim=True)  # all False in a row holding a NaN (amax gives NaN)
+    top_b = b == b.amax(1, keepdim=True)
+    return (top_a == top_b).all(1) & top_a.any(1) & top_b.any(1)
+
+
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Fraction of rows whose target is among the k highest scores, per k in ``ks``.
 

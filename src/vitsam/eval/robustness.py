@@ -33,6 +33,7 @@ from ..data.corruptions import (
     load_clean_set,
     load_corruption_set,
 )
+from ..io import save_figure
 from ..progress import progress_bar
 from .metrics import evaluate, uint8_batches
 from .shifts import evaluate_folder
@@ -437,8 +438,4 @@ def heatmap(runs: Runs, out_path: str | Path) -> Path:
         ax.set_xlabel("severity", fontsize=7)
         ax.set_title(f"{label}\nmCA {_pct(r['mean_corruption_accuracy'])}% ({r.get('params')})", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="top-1 accuracy (%)", shrink=0.8)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path, dpi=110, bbox_inches="tight")

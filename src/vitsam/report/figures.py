@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..io import read_jsonl  # noqa: E402
+from ..io import read_jsonl, save_figure  # noqa: E402
 from ..runfiles import read_run_file  # noqa: E402
 
 COLORS = {"vanilla": "tab:blue", "sam": "tab:red", "aug": "tab:green", "sam-aug": "tab:purple",
@@ -24,9 +24,7 @@ COLORS = {"vanilla": "tab:blue", "sam": "tab:red", "aug": "tab:green", "sam-aug"
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _result(study_dir: Path, row: dict[str, Any], analysis: str) -> dict[str, Any] | None:

@@ -3,7 +3,8 @@
 ``DIR/study-<name>.json`` records the study (scale, seeds, command, every cell's status and, for
 a failed cell, its one-line error); each cell is the run folder ``DIR/<cell>``; a study's shared
 corruption set lives in ``DIR/_shared/corruptions``. A failing cell never stops the others; the
-study then raises ``StudyFailed`` naming the failed cells (the CLI exits non-zero).
+study then raises ``StudyFailed`` naming the failed cells (the CLI exits non-zero). The study
+holds ``DIR/.vitsam-study.lock`` while it runs, so a second study on ``DIR`` stops at once.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ConfigError, RunConfig, validate
-from ..io import atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json
 from ..lifeline import exit_with_parent
 from ..progress import progress_bar
+from ..train import runlock
+from ..train.runlock import STUDY_LOCK_FILE
 from .presets import SCALE_NOTES, Cell, Study, cell_overrides, describe, study_cells
 from .stages import pending, run_cell
 from .tables import write_tables
@@ -79,7 +82,9 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
     """Run (or continue) ``study`` at ``scale`` into ``out``; returns the study record.
 
     ``workers`` cells train at once, each in its own process with ``cpu_count // workers``
-    torch threads (``workers=1`` runs the cells in this process, one after the other).
+    torch threads (``workers=1`` runs the cells in this process, one after the other). One
+    process at a time runs a study in ``out`` (``vitsam.train.runlock``); a second one raises
+    ``RunFolderBusy`` at once, naming the first one's pid, before it writes anything.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
@@ -87,9 +92,24 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the study")
     cells = study_cells(study, scale, seeds, only, data, root)
-    settings = study.settings(scale)
     configs, errors = _configs(cells, overrides)
+    made = not out.exists()
+    runlock.raise_if_busy(out, STUDY_LOCK_FILE)  # another study there: say which, create nothing
     out.mkdir(parents=True, exist_ok=True)
+    # One study process per folder: two would train the same cells and overwrite each other's
+    # record and tables (each cell's run folder is locked as well, by its training).
+    with runlock.hold(out, remove_if_unused=made, command="vitsam study",
+                      lock_file=STUDY_LOCK_FILE):
+        return _run(study, scale, out, cells, configs, errors, seeds, workers, overrides, data,
+                    root, progress, command)
+
+
+def _run(study: Study, scale: str, out: Path, cells: list[Cell], configs: dict[str, RunConfig],
+         errors: dict[str, str], seeds: Sequence[int], workers: int, overrides: Sequence[str],
+         data: str | None, root: str | None, progress: bool, command: str | None
+         ) -> dict[str, Any]:
+    """``run_study`` in the study folder ``out`` it holds."""
+    settings = study.settings(scale)
     threads = max(1, (os.cpu_count() or 1) // workers)
     record: dict[str, Any] = {"study": study.name, "description": study.description,
                               "scale": scale, "scale_notes": SCALE_NOTES[scale],
@@ -133,9 +153,9 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
         entry = {k: v for k, v in res.items() if k != "traceback"}
         record["cells"][name] = entry
         if res["status"] == "failed":
-            (out / "_shared").mkdir(exist_ok=True)
-            with open(out / "_shared" / f"{name}.error.txt", "w") as fh:
-                fh.write(res.get("traceback", res["error"]))
+            # Atomic: a study killed here leaves the previous error file or none, never half of one.
+            atomic_write_bytes(out / "_shared" / f"{name}.error.txt",
+                               res.get("traceback", res["error"]).encode())
         atomic_write_json(rec_path, record)
         bar.update(1)
         failed = sum(1 for e in record["cells"].values() if e["status"] == "failed")

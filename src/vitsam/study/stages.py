@@ -158,11 +158,13 @@ def augmented_hessian(cell_dir: Path, settings: StageSettings, checkpoint: str =
 
 
 def _accuracy(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on ``batches``, a fraction."""
+    """Top-1 accuracy of ``model`` (in eval mode) on ``batches``, a fraction (ties and NaN rows
+    counted as ``vitsam eval`` counts them: ``top1_hits``)."""
+    from ..eval.metrics import top1_hits
     from ..models.modes import eval_mode
 
     with eval_mode(model), torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+        correct = sum(top1_hits(model(x).float(), y) for x, y in batches)
     return correct / max(1, sum(len(y) for _, y in batches))
 
 

@@ -17,7 +17,7 @@ A run folder::
     analysis.json, eval.json   results of ``vitsam analyze`` / ``vitsam eval``
     cell.json              study cells only: the marker of the stages done, written last
                            (``vitsam.study.stages``)
-    .vitsam-train.lock     held by the process training in the folder (``runlock``)
+    .vitsam-train.lock     held by the process writing the folder (train, prune; ``runlock``)
 
 A checkpoint folder is written under a temporary name and renamed into place, and
 ``latest.json`` is replaced only after that, so an interruption never leaves a damaged
@@ -493,10 +493,12 @@ def check_new_run_dir(out_dir: str | Path, flag: str = "--out") -> Path:
     """``out_dir`` if a derived run may be written there: absent, an empty folder, or a folder
     written earlier by ``save_model_run`` (overwritten). A training run or any other non-empty
     folder is refused, so nothing there is overwritten."""
+    from .runlock import LOCK_FILE  # runlock imports this module
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{flag} {out} is a file; give a folder for the new run")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or all(p.name == LOCK_FILE for p in out.iterdir()):
         return out
     ckpts = out / "checkpoints"
     derived = ((out / "config.json").is_file() and not (out / "metrics.jsonl").exists()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vitsam.analysis.state import analysis_state
+from vitsam.io import save_figure
 
 from .lanczos import _tridiag, lanczos
 from .operator import Batch, HessianOperator, LossFn
@@ -130,8 +131,4 @@ def plot_density(results: Sequence[tuple[str, DensityResult | dict]], path: str 
     if len(results) > 1 or results[0][0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)

@@ -9,7 +9,7 @@ from torch import nn
 
 from vitsam.analysis.state import analysis_state
 
-from vitsam.io import atomic_write_bytes, atomic_writer
+from vitsam.io import atomic_write_bytes, save_figure
 
 from .blocks import per_block, per_block_table, plot_per_block
 from .density import check_density, plot_density, spectral_density
@@ -133,10 +133,7 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> 
     if with_blocks:
         out_dir.mkdir(parents=True, exist_ok=True)
         fig = plot_per_block(with_blocks)
-        p = out_dir / "hessian_per_block.png"
-        with atomic_writer(p) as fh:
-            fig.savefig(fh, format="png", dpi=130)
-        plt.close(fig)
+        p = save_figure(fig, out_dir / "hessian_per_block.png", dpi=130)
         atomic_write_bytes(out_dir / "hessian_per_block.md", per_block_table(with_blocks).encode())
         paths.append(p)
     fig, ax = plt.subplots(figsize=(5.0, 3.5))
@@ -151,8 +148,5 @@ def figures(results: dict | Sequence[tuple[str, dict]], out_dir: str | Path) -> 
         ax.legend(fontsize=8)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    p = out_dir / "hessian_top_eigenvalues.png"
-    fig.savefig(p, dpi=130)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out_dir / "hessian_top_eigenvalues.png", dpi=130))
     return paths
