@@ -25,9 +25,9 @@ at tol 1e-3: 1e-4 to 1e-3 relative error) but can stop on a plateau far from the
 
 Block Lanczos (``method="block-lanczos"``, ``block_size`` b) applies H to b vectors per pass
 (``HessianOperator.matmat``: one gradient graph per batch for all b, one vmapped double
-backward). On CPU it needs more HVPs than single-vector Lanczos and a batched HVP costs at least
-as much per vector as a single one, so single-vector Lanczos stays the default (numbers in
-docs/benchmarks.md); block Lanczos also resolves repeated eigenvalues up to multiplicity b.
+backward). On CPU it needs more HVPs than single-vector Lanczos and a batched HVP costs at
+least as much per vector as a single one, so single-vector Lanczos stays the default (numbers
+in docs/benchmarks.md); block Lanczos also resolves repeated eigenvalues up to multiplicity b.
 
 One module per concept: ``operator`` (the HVP operator), ``lanczos`` (the Krylov driver),
 ``block_lanczos`` (its block form), ``eigen`` (top eigenvalues by Lanczos, block Lanczos or
