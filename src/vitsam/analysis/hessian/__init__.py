@@ -53,6 +53,7 @@ from .plugin import HessianConfig, figures, run
 __all__ = [
     "BACKENDS", "METHODS", "SELECTIONS", "STARTS", "STOPS", "Batch", "DensityResult",
     "EigenResult", "HessianConfig", "HessianOperator", "LossFn", "TraceResult",
-    "analysis_state", "block_lanczos", "check_density", "figures", "lanczos", "parameter_blocks", "per_block",
+    "analysis_state", "block_lanczos", "check_density", "figures", "lanczos",
+    "parameter_blocks", "per_block",
     "plot_density", "quadrature", "run", "spectral_density", "top_eigenvalues", "trace",
 ]

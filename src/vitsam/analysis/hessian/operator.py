@@ -41,7 +41,8 @@ class HessianOperator:
     """Hessian of the sample-weighted mean loss over ``batches`` as a matrix-free operator.
 
     ``matvec(v)`` maps a flat vector (P,) to ``H v`` (P,), with P the number of trainable
-    parameters; ``matmat(V)`` maps b vectors (b, P) to their b products (b, P) in one pass. ``loss_fn(outputs, targets)`` must return the batch *mean* (a scalar), as
+    parameters; ``matmat(V)`` maps b vectors (b, P) to their b products (b, P) in one pass.
+    ``loss_fn(outputs, targets)`` must return the batch *mean* (a scalar), as
     ``nn.CrossEntropyLoss()`` does; batch b then gets weight ``n_b / N``. The model must already
     be in the wanted mode (see ``analysis_state``); the operator never changes the weights.
 
