@@ -23,8 +23,15 @@ test is the Ritz residual; ``stop="change"`` (PyHessian's test) stops 30-40 % ea
 at tol 1e-3: 1e-4 to 1e-3 relative error) but can stop on a plateau far from the answer
 (MLP-Mixer at tol 1.5e-3: 5e-2 off), so it is opt-in.
 
+Block Lanczos (``method="block-lanczos"``, ``block_size`` b) applies H to b vectors per pass
+(``HessianOperator.matmat``: one gradient graph per batch for all b, one vmapped double
+backward). On CPU it needs more HVPs than single-vector Lanczos and a batched HVP costs at
+least as much per vector as a single one, so single-vector Lanczos stays the default (numbers
+in docs/benchmarks.md); block Lanczos also resolves repeated eigenvalues up to multiplicity b.
+
 One module per concept: ``operator`` (the HVP operator), ``lanczos`` (the Krylov driver),
-``eigen`` (top eigenvalues by Lanczos or power iteration), ``hutchinson`` (trace), ``blocks``
+``block_lanczos`` (its block form), ``eigen`` (top eigenvalues by Lanczos, block Lanczos or
+power iteration), ``hutchinson`` (trace), ``blocks``
 (both restricted to each block's parameters), ``density``
 (stochastic Lanczos quadrature) and ``plugin`` (the ``vitsam analyze`` entry: ``HessianConfig``,
 ``run``, ``figures``). Everything is importable from ``vitsam.analysis.hessian``.
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 from vitsam.analysis.state import analysis_state
 
+from .block_lanczos import block_lanczos
 from .blocks import parameter_blocks, per_block
 from .density import DensityResult, check_density, plot_density, quadrature, spectral_density
 from .eigen import METHODS, SELECTIONS, STOPS, EigenResult, top_eigenvalues
@@ -45,6 +53,7 @@ from .plugin import HessianConfig, figures, run
 __all__ = [
     "BACKENDS", "METHODS", "SELECTIONS", "STARTS", "STOPS", "Batch", "DensityResult",
     "EigenResult", "HessianConfig", "HessianOperator", "LossFn", "TraceResult",
-    "analysis_state", "check_density", "figures", "lanczos", "parameter_blocks", "per_block",
+    "analysis_state", "block_lanczos", "check_density", "figures", "lanczos",
+    "parameter_blocks", "per_block",
     "plot_density", "quadrature", "run", "spectral_density", "top_eigenvalues", "trace",
 ]

@@ -1,4 +1,5 @@
-"""Top Hessian eigenvalues by Lanczos (largest by value) or power iteration (by magnitude).
+"""Top Hessian eigenvalues by Lanczos or block Lanczos (largest by value) or power iteration
+(by magnitude).
 
 Lanczos returns the k largest *algebraic* eigenvalues. Power iteration with deflation converges
 to the k eigenvalues of largest *magnitude*, which are a different set when negative curvature
@@ -21,13 +22,15 @@ from torch import nn
 from vitsam.analysis.state import analysis_state
 from vitsam.progress import progress_bar
 
+from .block_lanczos import block_lanczos
 from .lanczos import _tridiag, lanczos
 from .operator import Batch, HessianOperator, LossFn, _quiet
 
-METHODS = ("lanczos", "power")
+METHODS = ("lanczos", "block-lanczos", "power")
 STOPS = ("residual", "change")
 # What the k eigenvalues of each method are: the k largest by value, or by absolute value.
-SELECTIONS = {"lanczos": "largest_algebraic", "power": "largest_magnitude"}
+SELECTIONS = {"lanczos": "largest_algebraic", "block-lanczos": "largest_algebraic",
+              "power": "largest_magnitude"}
 
 
 @dataclass
@@ -42,8 +45,10 @@ class EigenResult:
     eigenvalue would also be larger in magnitude). eigenvectors: (k, P) unit vectors in the
     same order, or None; residuals: ``||H v - theta v|| / |theta|`` per pair (Lanczos: the
     standard Ritz estimate ``beta_m * |s_m|``, exact in exact arithmetic with full
-    reorthogonalisation), reported whatever the stopping test; num_hvps: Hessian-vector
-    products used; converged: the ``stop`` test was met (or the Krylov space was exhausted).
+    reorthogonalisation; block Lanczos: ``||R_m s_last||``), reported whatever the stopping
+    test; num_hvps: Hessian-vector products used (a block step of b vectors counts b);
+    converged: the ``stop`` test was met (or the Krylov space was exhausted); block_size: the
+    vectors per operator pass (1 except for block Lanczos).
     """
 
     eigenvalues: list[float]
@@ -57,6 +62,7 @@ class EigenResult:
     stop: str = "residual"
     selection: str = "largest_algebraic"
     lambda_max_is_largest: bool = True
+    block_size: int = 1
 
 
 def _rel_scale(theta: np.ndarray) -> np.ndarray:
@@ -64,16 +70,21 @@ def _rel_scale(theta: np.ndarray) -> np.ndarray:
     return np.maximum(np.abs(theta), 1e-12 * np.max(np.abs(theta)) + 1e-300)
 
 
-def _lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torch.Tensor,
-                 basis_device, return_vectors: bool, progress: bool, stop_test: str):
+def _krylov_stop(k: int, tol: float, stop_test: str,
+                 residuals: Callable[[np.ndarray, object], np.ndarray]):
+    """The stop callback of (block) Lanczos and a flag saying whether it was met.
+
+    residuals(s[:, -k:], extra): the absolute Ritz residuals of the k wanted pairs from T's
+    eigenvectors and the driver's extra argument (beta, or the last R block).
+    """
     prev: list[np.ndarray] = []  # the wanted Ritz values of the previous step (change test)
     hit = [False]
 
-    def stop(theta: np.ndarray, s: np.ndarray, b: float) -> bool:
+    def stop(theta: np.ndarray, s: np.ndarray, extra) -> bool:
         if len(theta) < k:
             return False
         if stop_test == "residual":
-            res = b * np.abs(s[-1, -k:])
+            res = residuals(s[:, -k:], extra)
             hit[0] = bool(np.all(res <= tol * _rel_scale(theta)[-k:]))
             return hit[0]
         top = theta[-k:]
@@ -83,19 +94,46 @@ def _lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: tor
         prev[:] = [top.copy()]
         return hit[0]
 
-    alpha, beta, last_b, basis = lanczos(op.matvec, v0, max_iter, stop, basis_device, progress,
-                                         desc="hessian lanczos")
-    theta, s = np.linalg.eigh(_tridiag(alpha, beta))
+    return stop, hit
+
+
+def _ritz_top(t: np.ndarray, basis: torch.Tensor, k: int, tol: float, hit: bool,
+              return_vectors: bool, residuals: Callable[[np.ndarray], np.ndarray]):
+    """The k largest Ritz pairs of the projected matrix t (m, m) on the basis (m, P)."""
+    theta, s = np.linalg.eigh(t)
     order = np.argsort(theta)[::-1][:k]
     vals = theta[order]
-    res = last_b * np.abs(s[-1, order]) / _rel_scale(theta)[order]
+    res = residuals(s[:, order]) / _rel_scale(theta)[order]
     vecs = None
     if return_vectors:
         coeff = torch.as_tensor(s[:, order].T.copy(), dtype=basis.dtype, device=basis.device)
         vecs = coeff @ basis
     # A Krylov space that filled up (or became invariant) holds exact eigenpairs: residual ~ 0.
-    converged = len(vals) == k and (hit[0] or bool(np.all(res <= tol)))
+    converged = len(vals) == k and (hit or bool(np.all(res <= tol)))
     return [float(x) for x in vals], vecs, [float(r) for r in res], converged
+
+
+def _lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torch.Tensor,
+                 basis_device, return_vectors: bool, progress: bool, stop_test: str):
+    stop, hit = _krylov_stop(k, tol, stop_test, lambda s, b: b * np.abs(s[-1]))
+    alpha, beta, last_b, basis = lanczos(op.matvec, v0, max_iter, stop, basis_device, progress,
+                                         desc="hessian lanczos")
+    return _ritz_top(_tridiag(alpha, beta), basis, k, tol, hit[0], return_vectors,
+                     lambda s: last_b * np.abs(s[-1]))
+
+
+def _block_residuals(s: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """||R s_last|| per column of s: the Ritz residuals of block Lanczos."""
+    return np.linalg.norm(r @ s[-r.shape[0]:], axis=0)
+
+
+def _block_lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int,
+                       v0: torch.Tensor, basis_device, return_vectors: bool, progress: bool,
+                       stop_test: str, seed: int):
+    stop, hit = _krylov_stop(k, tol, stop_test, _block_residuals)
+    t, r, basis = block_lanczos(op.matmat, v0, max_iter, stop, basis_device, progress,
+                                desc="hessian block lanczos", seed=seed)
+    return _ritz_top(t, basis, k, tol, hit[0], return_vectors, lambda s: _block_residuals(s, r))
 
 
 def _power_top(op: HessianOperator, k: int, tol: float, max_iter: int,
@@ -137,7 +175,8 @@ def _power_top(op: HessianOperator, k: int, tol: float, max_iter: int,
     return vals, vecs, res_list, converged
 
 
-def _validate(k: int, tol: float, max_iter: int, method: str, stop: str) -> None:
+def _validate(k: int, tol: float, max_iter: int, method: str, stop: str,
+              block_size: int = 1) -> None:
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if not tol > 0:
@@ -148,6 +187,11 @@ def _validate(k: int, tol: float, max_iter: int, method: str, stop: str) -> None
         raise ValueError(f"unknown eigen-solver {method!r}; choose one of {METHODS}")
     if stop not in STOPS:
         raise ValueError(f"unknown stopping test {stop!r}; choose one of {STOPS}")
+    if not (isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1):
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if method == "block-lanczos" and block_size > max_iter:
+        raise ValueError(f"block_size={block_size} exceeds max_iter={max_iter}: one block step "
+                         "costs block_size HVPs; raise max_iter or lower block_size")
 
 
 def top_eigenvalues(
@@ -168,6 +212,7 @@ def top_eigenvalues(
     basis_device: torch.device | str | None = None,
     progress: bool | None = False,
     params: Sequence[str] | None = None,
+    block_size: int = 4,
 ) -> EigenResult:
     """The k largest Hessian eigenvalues of the mean loss over all ``batches`` (one operator),
     by value (Lanczos) or by magnitude (power iteration); sorted by value, largest first.
@@ -191,24 +236,37 @@ def top_eigenvalues(
     method: ``"lanczos"`` (default; full reorthogonalisation, at most ``max_iter`` HVPs in
     total, returns the largest *algebraic* eigenvalues) or ``"power"`` (power iteration with
     deflation, up to ``max_iter`` HVPs per eigenvalue; it converges to the largest
-    *magnitude* eigenvalues, which coincide unless negative curvature dominates). Either way
-    the result lists them by value and names the set in ``selection``.
+    *magnitude* eigenvalues, which coincide unless negative curvature dominates) or
+    ``"block-lanczos"`` (``block_size`` vectors per step, each step one batched pass
+    ``HessianOperator.matmat``; at most ``max_iter`` HVPs in total, the largest algebraic
+    eigenvalues like ``"lanczos"``; more HVPs than single-vector Lanczos, in fewer passes over
+    the data, see docs/benchmarks.md). Either way the result lists them by value and names the
+    set in ``selection``.
     start: ``"gradient"`` (default; gradient plus random direction, fewer HVPs) or
-    ``"random"``, see ``HessianOperator.start_vector``; ``seed`` fixes the random part.
+    ``"random"``, see ``HessianOperator.start_vector``; ``seed`` fixes the random part (block
+    Lanczos: the first vector of the start block, the others Gaussian).
     params: restrict to these parameters' diagonal block of the Hessian (see ``HessianOperator``).
     Model mode, buffers, weights and RNG state are unchanged afterwards.
     """
-    _validate(k, tol, max_iter, method, stop)
+    _validate(k, tol, max_iter, method, stop, block_size)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     with analysis_state(model, train_mode):
         op = HessianOperator(model, loss_fn, batches, backend, cache_graph, params)
         if k > op.size:
             raise ValueError(f"k={k} exceeds the number of parameters ({op.size})")
+        if method == "block-lanczos" and block_size > op.size:
+            raise ValueError(f"block_size={block_size} exceeds the number of parameters "
+                             f"({op.size})")
         if method == "lanczos":
             v0 = op.start_vector(gen, start)
             vals, vecs, res, ok = _lanczos_top(op, k, tol, max_iter, v0, basis_device,
                                                return_eigenvectors, progress, stop)
+        elif method == "block-lanczos":
+            v0 = torch.stack([op.start_vector(gen, start)]
+                             + [op.random_vector(gen) for _ in range(block_size - 1)])
+            vals, vecs, res, ok = _block_lanczos_top(op, k, tol, max_iter, v0, basis_device,
+                                                     return_eigenvectors, progress, stop, seed)
         else:
             vals, vecs, res, ok = _power_top(op, k, tol, max_iter,
                                              lambda: op.start_vector(gen, start),
@@ -222,4 +280,5 @@ def top_eigenvalues(
     # A larger eigenvalue than a non-negative one found by magnitude would have been found first.
     certain = selection == "largest_algebraic" or vals[0] >= 0
     return EigenResult(vals, vecs, res, op.num_hvps, ok, method, op.backend,
-                       time.perf_counter() - t0, stop, selection, certain)
+                       time.perf_counter() - t0, stop, selection, certain,
+                       block_size if method == "block-lanczos" else 1)

@@ -41,7 +41,8 @@ class HessianOperator:
     """Hessian of the sample-weighted mean loss over ``batches`` as a matrix-free operator.
 
     ``matvec(v)`` maps a flat vector (P,) to ``H v`` (P,), with P the number of trainable
-    parameters. ``loss_fn(outputs, targets)`` must return the batch *mean* (a scalar), as
+    parameters; ``matmat(V)`` maps b vectors (b, P) to their b products (b, P) in one pass.
+    ``loss_fn(outputs, targets)`` must return the batch *mean* (a scalar), as
     ``nn.CrossEntropyLoss()`` does; batch b then gets weight ``n_b / N``. The model must already
     be in the wanted mode (see ``analysis_state``); the operator never changes the weights.
 
@@ -99,7 +100,8 @@ class HessianOperator:
         self.num_samples = sum(self.sizes)
         self.cache_graph = (len(self.batches) == 1) if cache_graph is None else cache_graph
         self._graphs: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.num_hvps = 0
+        self.num_hvps = 0  # Hessian-vector products (a matmat of b vectors counts b)
+        self.num_passes = 0  # calls of matvec or matmat
         self._grad_dir: torch.Tensor | None = None
 
     # flat <-> per-parameter views
@@ -130,25 +132,30 @@ class HessianOperator:
             self._graphs[i] = grads
         return grads
 
-    def _hvp_autograd(self, i: int, x: torch.Tensor, y: torch.Tensor, vs: list[torch.Tensor]):
+    def _hvp_autograd(self, i: int, x: torch.Tensor, y: torch.Tensor, vs: list[torch.Tensor],
+                      batched: bool = False):
+        """Per-parameter ``H v`` by double backward; with ``batched`` every ``vs`` entry has a
+        leading dimension b and one vmapped backward (``is_grads_batched``) gives all b."""
         grads = self._grad_graph(i, x, y)
         # Gradients that do not depend on the parameters (e.g. a loss linear in them) have no
         # graph: their Hessian rows are zero.
         live = [j for j, g in enumerate(grads) if g.requires_grad]
-        out = [torch.zeros_like(v) for v in vs]
-        if live:
-            hv = torch.autograd.grad(
-                [grads[j] for j in live],
-                self.params,
-                grad_outputs=[vs[j] for j in live],
-                retain_graph=self.cache_graph,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            out = list(hv)
-        return out
+        if not live:
+            return [torch.zeros_like(v) for v in vs]
+        hv = torch.autograd.grad(
+            [grads[j] for j in live],
+            self.params,
+            grad_outputs=[vs[j] for j in live],
+            retain_graph=self.cache_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        # Parameters the live gradients do not reach: zero rows (materialize_grads would give
+        # them the parameter's shape, without the batch dimension).
+        return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs)]
 
-    def _hvp_func(self, x: torch.Tensor, y: torch.Tensor, vs: list[torch.Tensor]):
+    def _hvp_func(self, x: torch.Tensor, y: torch.Tensor, vs: list[torch.Tensor],
+                  batched: bool = False):
         names = [n for n, _ in self.named]
         primals = {n: p.detach() for n, p in self.named}
         tangents = dict(zip(names, vs))
@@ -156,7 +163,10 @@ class HessianOperator:
         def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return self._loss(torch.func.functional_call(self.model, params, (x,)), y)
 
-        _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangents,))
+        def hvp(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return torch.func.jvp(torch.func.grad(loss_of), (primals,), (t,))[1]
+
+        hv = torch.func.vmap(hvp)(tangents) if batched else hvp(tangents)
         return [hv[n] for n in names]
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -174,6 +184,36 @@ class HessianOperator:
                 hv = self._hvp_autograd(i, x, y, vs)
             total.add_(self.flatten([h.detach() for h in hv]), alpha=n / self.num_samples)
         self.num_hvps += 1
+        self.num_passes += 1
+        return total
+
+    def matmat(self, vs: torch.Tensor) -> torch.Tensor:
+        """``H v`` for each row of vs (b, P): the (b, P) products of ``matvec``, in one pass.
+
+        Each batch's gradient graph is built once for all b vectors, and one vmapped double
+        backward (``is_grads_batched``; ``vmap`` over ``jvp(grad)`` for the func backend)
+        applies H to all of them, with the same weights n_b / N as ``matvec``. Counts b HVPs
+        (``num_hvps``) and one pass (``num_passes``). Peak memory grows with b: the backward
+        holds b copies of every activation-sized intermediate.
+        """
+        if vs.dim() != 2 or vs.shape[1] != self.size or vs.shape[0] == 0:
+            raise ValueError(f"vectors have shape {tuple(vs.shape)}, expected (b, {self.size}) "
+                             "with b >= 1")
+        b = vs.shape[0]
+        vs = vs.to(self.device, self.dtype)
+        parts = [t.reshape(b, *s) for t, s in zip(torch.split(vs, self.numels, dim=1), self.shapes)]
+        total = torch.zeros(b, self.size, device=self.device, dtype=self.dtype)
+        for i, ((x, y), n) in enumerate(zip(self.batches, self.sizes)):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.backend == "func":
+                hv = self._hvp_func(x, y, parts, batched=True)
+            else:
+                hv = self._hvp_autograd(i, x, y, parts, batched=True)
+            flat = torch.cat([h.detach().reshape(b, -1) for h in hv], dim=1)
+            total.add_(flat, alpha=n / self.num_samples)
+        self.num_hvps += b
+        self.num_passes += 1
         return total
 
     def loss(self) -> float:

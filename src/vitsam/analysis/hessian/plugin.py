@@ -22,7 +22,8 @@ from .operator import BACKENDS, Batch, HessianOperator, _check_batches
 class HessianConfig:
     """Settings of the Hessian analysis (loss: cross-entropy on the given batches).
 
-    k eigenvalues by ``method`` (``"lanczos"``: the k largest; ``"power"``: the k largest in
+    k eigenvalues by ``method`` (``"lanczos"``: the k largest; ``"block-lanczos"``: the k
+    largest, ``block_size`` vectors per batched operator pass; ``"power"``: the k largest in
     magnitude) to tolerance ``tol`` under the ``stop`` test (``"residual"`` or ``"change"``,
     see ``top_eigenvalues``) within ``max_iter`` HVPs;
     ``trace_probes`` Hutchinson probes (0 skips the trace); ``density`` runs SLQ with
@@ -43,11 +44,12 @@ class HessianConfig:
     seed: int = 0
     backend: str = "auto"
     per_block: bool = False
+    block_size: int = 4
 
     def __post_init__(self) -> None:
         # Every setting is checked when given, before a run and its data are loaded and before
         # any analysis starts (a bad density setting must not cost the eigenvalues first).
-        _validate(self.k, self.tol, self.max_iter, self.method, self.stop)
+        _validate(self.k, self.tol, self.max_iter, self.method, self.stop, self.block_size)
         if not (isinstance(self.trace_probes, int) and (self.trace_probes == 0
                                                         or self.trace_probes >= 2)):
             raise ValueError(f"trace_probes must be 0 (skip) or an integer >= 2 (a standard "
@@ -77,7 +79,8 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: HessianConfig = HessianCon
     loss_fn = nn.CrossEntropyLoss()
     common = dict(backend=cfg.backend, train_mode=cfg.train_mode, seed=cfg.seed)
     eig = top_eigenvalues(model, loss_fn, batches, k=cfg.k, method=cfg.method, tol=cfg.tol,
-                          stop=cfg.stop, max_iter=cfg.max_iter, progress=None, **common)
+                          stop=cfg.stop, max_iter=cfg.max_iter, block_size=cfg.block_size,
+                          progress=None, **common)
     with analysis_state(model, cfg.train_mode):
         op = HessianOperator(model, loss_fn, batches, "autograd", cache_graph=False)
         loss = op.loss()
@@ -95,6 +98,7 @@ def run(model: nn.Module, data: Iterable[Batch], cfg: HessianConfig = HessianCon
         "residuals": eig.residuals,
         "converged": eig.converged,
         "num_hvps": eig.num_hvps,
+        "block_size": eig.block_size,  # vectors per operator pass (1 unless block-lanczos)
         "backend": eig.backend,
         "seconds": eig.seconds,
     }
