@@ -357,6 +357,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
     """
     from vitsam.config import from_dict
     from vitsam.data import DataConfig, build_data, eval_batches
+    from vitsam.data.record import feed_of
     from vitsam.io import atomic_write_json
     from vitsam.train.checkpoint import check_new_run_dir, load_run, save_model_run
 
@@ -380,11 +381,13 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, calib: int = 256,
     bundle = build_data(data_cfg, progress=progress)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(bundle.train), generator=gen)[:calib]
-    calib_set = list(eval_batches(bundle.train.subset(idx), batch_size, bundle.mean, bundle.std,
-                                  img_size, device))
+    mean, std, crop_pct = feed_of(run_dir, bundle)  # as data.json says (imported models' own)
+    calib_set = list(eval_batches(bundle.train.subset(idx), batch_size, mean, std, img_size,
+                                  device, crop_pct=crop_pct))
 
     def test_batches() -> Iterable[Any]:
-        return eval_batches(bundle.test, batch_size, bundle.mean, bundle.std, img_size, device)
+        return eval_batches(bundle.test, batch_size, mean, std, img_size, device,
+                            crop_pct=crop_pct)
 
     pruned, report = prune_model(run.model, calib_set, ratio=ratio, tol=tol, criterion=criterion,
                                  progress=progress)

@@ -39,12 +39,16 @@ def fingerprint(cfg: RunConfig) -> str:
     output folder, how many faulty steps in a row stop it, or what to do with unreadable files:
     a finished run is the same either way, and cells trained before those settings existed
     still match). A setting added later with a default that trains as before
-    (``train.sync_batchnorm=false``) is left out at that default, for the same reason."""
+    (``train.sync_batchnorm=false``, ``model.init_from=null``) is left out at that default, for
+    the same reason."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
     d["data"].pop("bad_files", None)
     if not d["train"].get("sync_batchnorm", False):
         d["train"].pop("sync_batchnorm", None)
+    if d["model"].get("init_from") is None and d["model"].get("init_checkpoint") == "last":
+        d["model"].pop("init_from", None)
+        d["model"].pop("init_checkpoint", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
