@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.layers import adapt_input_conv, resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
 from torch import nn
 
 
@@ -94,7 +95,7 @@ def transfer_weights(src: nn.Module, dst: nn.Module, keep_head: bool) -> dict[st
             out["pos_embed"] = [int(round((have.shape[1] - prefix) ** 0.5)), list(grid)]
         elif key == conv and have.ndim == 4 and have.shape[0] == want.shape[0] \
                 and have.shape[2:] == want.shape[2:]:
-            new[key] = adapt_input_conv(want.shape[1], have)
+            new[key] = adapt_input_conv(want.shape[1], have, base_chans=have.shape[1])
             out["in_chans"] = [have.shape[1], want.shape[1]]
         elif key in head:
             raise TransferError(f"the classifier {key} is {tuple(have.shape)} in the source and "
