@@ -105,7 +105,7 @@ def test_same_size_keeps_every_position_and_same_classes_keep_the_head(source, t
         assert torch.equal(again.model.state_dict()[key], value), key
 
 
-def test_the_fine_tuned_run_works_with_analyze_eval_and_resume(source, tmp_path, capsys):
+def test_the_fine_tuned_run_works_with_analyze_and_eval(source, tmp_path, capsys):
     out = tmp_path / "ft"
     assert main(["finetune", str(source), "--data", "digits", "--img-size", "16", "--out",
                  str(out), "--quiet", "--set", *FAST]) == 0
@@ -143,3 +143,18 @@ def test_mixer_at_another_size_and_bad_sources_are_one_line_errors(tmp_path, cap
                      "--quiet", "--set", *FAST, *sets]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_resumes_from_the_source(source, tmp_path,
+                                                                               monkeypatch):
+    argv = ["--data", "digits", "--img-size", "16", "--quiet", "--set", *FAST]
+    assert main(["finetune", str(source), "--out", str(tmp_path / "whole"), *argv]) == 0
+    monkeypatch.setenv("VITSAM_FAULT", "enospc_at:ckpt_write")  # the only checkpoint fails
+    assert main(["finetune", str(source), "--out", str(tmp_path / "cut"), *argv]) == 2
+    assert not list((tmp_path / "cut" / "checkpoints").glob("step-*"))
+    monkeypatch.delenv("VITSAM_FAULT")
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    whole, cut = load_run(tmp_path / "whole").model, load_run(tmp_path / "cut").model
+    for key, value in whole.state_dict().items():  # started again from the source's weights
+        assert torch.equal(cut.state_dict()[key], value), key
+    assert json.loads((tmp_path / "cut" / "final.json").read_text())["init"]["pos_embed"] == [2, [4, 4]]
