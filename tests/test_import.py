@@ -162,6 +162,10 @@ def test_bad_files_are_one_line_errors_naming_the_key(tmp_path, capsys):
     bad["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"] = np.zeros((16, 3, 4), np.float32)
     _one_line_error(["import", str(_npz(tmp_path / "g.npz", bad)), "--out", out], capsys,
                     "'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel'")
+    # integers where weights belong
+    bad = {**good, "head/bias": np.arange(10)}
+    _one_line_error(["import", str(_npz(tmp_path / "h.npz", bad)), "--out", out], capsys,
+                    "'head/bias'", "int")
     assert not Path(out).exists()
 
 
