@@ -1,5 +1,5 @@
-"""The ``vitsam`` command line: train, eval, analyze, prune, corrupt, study, report, models,
-presets, demo."""
+"""The ``vitsam`` command line: train, eval, analyze, prune, corrupt, import, finetune, study,
+report, models, presets, demo."""
 from __future__ import annotations
 
 import argparse
@@ -177,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         line_interval()  # a bad VITSAM_PROGRESS_INTERVAL is refused before any work
         args.func(args)
     except Interrupted as exc:  # SIGINT/SIGTERM in training: a checkpoint was written
-        again = "" if args.command == "train" else f", as does the same `vitsam {args.command}`"
+        again = "" if args.command in ("train", "finetune") else f", as does the same `vitsam {args.command}`"
         print(f"vitsam: {exc}{again}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
         hint = ("; `vitsam train --resume RUN_DIR` continues from the last checkpoint"
-                if args.command in ("train", "demo") else
+                if args.command in ("train", "demo", "finetune") else
                 "; `vitsam corrupt` with the same arguments finishes the set"
                 if args.command == "corrupt" else "")
         print(f"vitsam: interrupted{hint}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Sub-commands that drive the analysis and evaluation packages: analyze, prune, eval, corrupt."""
+"""Sub-commands that drive the analysis and evaluation packages: analyze, prune, eval, corrupt,
+import, finetune."""
 from __future__ import annotations
 
 import argparse
@@ -247,6 +248,79 @@ def _cmd_corrupt(args: argparse.Namespace) -> None:
         print(f"{built} -> {out}\ncontact sheet -> {sheet}")
 
 
+def _add_import(sub: Any) -> None:
+    from .data.config import SOURCES
+
+    s = sub.add_parser("import", help="a released ViT/Mixer checkpoint (.npz, timm .safetensors) "
+                                      "as a run folder",
+                       description="Map the .npz files of google-research/vision_transformer "
+                                   "(ViT, Mixer; e.g. the SAM checkpoints) or a timm ViT/Mixer "
+                                   "state dict saved as .safetensors onto the zoo's model, and "
+                                   "write a run folder that analyze, eval, prune, finetune read.")
+    s.add_argument("file", metavar="FILE", help="the .npz or .safetensors file (never downloaded)")
+    s.add_argument("--out", required=True, help="new run folder")
+    s.add_argument("--model", help="zoo model to map onto (default: the one of the file's shapes)")
+    s.add_argument("--data", choices=SOURCES, help="data the run is analysed and evaluated on "
+                                                   "(default: imagefolder, with --root)")
+    s.add_argument("--root", help="root folder for --data (e.g. an ImageNet train/ val/ tree)")
+    s.add_argument("--crop-pct", type=float, help="evaluation crop (default: timm's for these "
+                                                  "weights, 0.9 ViT, 0.875 Mixer)")
+    s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides of the run folder, e.g. optim.sam=true optim.rho=0.05 "
+                        "data.val_split=val")
+    s.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args: argparse.Namespace) -> None:
+    from .train.importer import describe_import, import_checkpoint
+
+    if args.root and not args.data:
+        raise ValueError("--root goes with --data (the data source it is the root of)")
+    summary = import_checkpoint(args.file, args.out, model=args.model, data=args.data,
+                                root=args.root, crop_pct=args.crop_pct, overrides=list(args.set))
+    print(describe_import(summary))
+
+
+def _add_finetune(sub: Any) -> None:
+    from .data.config import SOURCES
+
+    s = sub.add_parser("finetune", help="fine-tune a run (or an imported checkpoint) on other "
+                                        "data, at another resolution",
+                       description="Train a new run starting from RUN_DIR's weights: new "
+                                   "classifier for the new classes, ViT position embedding "
+                                   "resampled to --img-size; SGD (momentum 0.9, lr 0.01, no "
+                                   "weight decay) unless --set says otherwise (optim.sam=true "
+                                   "for SAM).")
+    s.add_argument("run", metavar="RUN_DIR")
+    s.add_argument("--data", required=True, choices=SOURCES, help="the new data source")
+    s.add_argument("--root", help="root folder for --data")
+    s.add_argument("--img-size", type=int, help="image size (default: the source model's)")
+    s.add_argument("--checkpoint", default="last", help="checkpoint of RUN_DIR (default: last)")
+    s.add_argument("--out", required=True, help="folder of the new run")
+    s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.epochs=3 optim.sam=true optim.lr=0.003")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from .cli import _print_final
+    from .train.engine import train
+    from .train.finetune import finetune_config
+
+    if Path(args.out).resolve() == Path(args.run).resolve():
+        raise ValueError("--out must differ from RUN_DIR; the fine-tuned model is a new run")
+    cfg = finetune_config(args.run, args.data, args.root, args.img_size, args.checkpoint,
+                          list(args.set))
+    final = train(cfg, run_dir=args.out, progress=not args.quiet)
+    init = final.get("init", {})
+    grid = init.get("pos_embed")
+    print(f"started from {init.get('from')} ({init.get('checkpoint')}): classifier "
+          f"{init.get('head')}" + (f", position embedding {grid[0]}x{grid[0]} -> "
+                                   f"{grid[1][0]}x{grid[1][1]}" if grid else ""))
+    _print_final([final])
+
+
 def register_all() -> list[Callable[[Any], None]]:
     """Functions that each add one sub-command to the ``vitsam`` parser."""
-    return [_add_analyze, _add_prune, _add_eval, _add_corrupt]
+    return [_add_analyze, _add_prune, _add_eval, _add_corrupt, _add_import, _add_finetune]

@@ -31,10 +31,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A model by vitsam or timm name; ``kwargs`` override its architecture (e.g. depth)."""
+    """A model by vitsam or timm name; ``kwargs`` override its architecture (e.g. depth).
+
+    ``init_from``: a run folder (trained, pruned, imported) whose checkpoint ``init_checkpoint``
+    initialises the model instead of random weights (``vitsam finetune``): the classifier is
+    new unless the classes are the same, a ViT's position embedding is resampled to the image
+    size (``vitsam.models.transfer``).
+    """
 
     name: str = "vit-t4"
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    init_checkpoint: str = "last"
 
 
 @dataclass(frozen=True)

@@ -439,6 +439,7 @@ def _prune_into(run_dir: str | Path, out_dir: Path, calib: int, ratio: float | N
     """``prune_run``'s work, in the folder ``out_dir`` it holds."""
     from vitsam.config import from_dict
     from vitsam.data import DataConfig, build_data, eval_batches
+    from vitsam.data.record import feed_of
     from vitsam.io import atomic_write_json
     from vitsam.train.checkpoint import load_run, save_model_run
 
@@ -452,11 +453,13 @@ def _prune_into(run_dir: str | Path, out_dir: Path, calib: int, ratio: float | N
     bundle = build_data(data_cfg, progress=progress)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(bundle.train), generator=gen)[:calib]
-    calib_set = list(eval_batches(bundle.train.subset(idx), batch_size, bundle.mean, bundle.std,
-                                  img_size, device))
+    mean, std, crop_pct = feed_of(run_dir, bundle)  # as data.json says (imported models' own)
+    calib_set = list(eval_batches(bundle.train.subset(idx), batch_size, mean, std, img_size,
+                                  device, crop_pct=crop_pct))
 
     def test_batches() -> Iterable[Any]:
-        return eval_batches(bundle.test, batch_size, bundle.mean, bundle.std, img_size, device)
+        return eval_batches(bundle.test, batch_size, mean, std, img_size, device,
+                            crop_pct=crop_pct)
 
     pruned, report = prune_model(run.model, calib_set, ratio=ratio, tol=tol, criterion=criterion,
                                  progress=progress)

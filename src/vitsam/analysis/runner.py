@@ -20,6 +20,7 @@ import torch
 
 from ..config import ConfigError, apply_overrides, to_dict
 from ..data import build_data, eval_batches
+from ..data.record import feed_of
 from ..data.sample import random_subset
 from ..io import merge_json, remove_stale_temporaries, sha256_file
 from ..train.checkpoint import load_run
@@ -82,10 +83,11 @@ class AnalysisError(ValueError):
 
 
 def sample_batches(tensors: Any, mean: Any, std: Any, img_size: int, n: int, batch_size: int,
-                   seed: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   seed: int, device: str, crop_pct: float | None = None
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` images drawn without replacement (seeded) as normalised evaluation batches."""
     return list(eval_batches(random_subset(tensors, n, seed), batch_size, mean, std, img_size,
-                             device))
+                             device, crop_pct=crop_pct))
 
 
 def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[str, Any]:
@@ -108,17 +110,20 @@ def analyze(run_dir: str | Path, req: Request, progress: bool = True) -> dict[st
         plugin_config(name, req.settings, progress=progress)
     run = load_run(run_dir, req.checkpoint, device=req.device)
     bundle = build_data(run.data_config())
+    # The model is fed as its data.json says (an imported checkpoint: its own normalisation).
+    mean, std, crop_pct = feed_of(run_dir, bundle)
     # The final configs (with the run's statistics and model spec) before any analysis runs.
-    decay = run.config.get("optim", {}).get("weight_decay")  # the L2 term landscapes can add
-    configs = {name: plugin_config(name, req.settings, mean=bundle.mean, std=bundle.std,
+    # The run's weight decay: the L2 term that landscapes and trajectories can add.
+    decay = run.config.get("optim", {}).get("weight_decay") if isinstance(run.config, dict) else None
+    configs = {name: plugin_config(name, req.settings, mean=mean, std=std,
                                    model_spec=run.model_spec, progress=progress,
                                    run_dir=str(run_dir), decay_rate=decay)
                for name in req.names}
     out: dict[str, Any] = {}
     for name, cfg in configs.items():
         split = bundle.train if ANALYSES[name][1] == "train" else bundle.test
-        data = sample_batches(split, bundle.mean, bundle.std, bundle.img_size,
-                              req.batches * req.batch_size, req.batch_size, req.seed, req.device)
+        data = sample_batches(split, mean, std, bundle.img_size, req.batches * req.batch_size,
+                              req.batch_size, req.seed, req.device, crop_pct)
         # A plug-in that can resume (landscape) keeps its finished parts in a file of the run
         # folder until the result is saved: re-running a killed analysis redoes none of them.
         resumable = getattr(plugin(name), "resumable", None)

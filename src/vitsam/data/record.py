@@ -40,6 +40,17 @@ def data_record(bundle: DataBundle) -> dict[str, Any]:
             "skipped_files": len(bundle.skipped)}
 
 
+def model_record(mean: list[float], std: list[float], img_size: int, crop_pct: float,
+                 description: str, classes: list[str] | None = None) -> dict[str, Any]:
+    """The record of a model not trained here (an imported checkpoint): the normalisation and
+    evaluation crop it was trained and evaluated with, not statistics of any data set here.
+    ``classes`` None: the class order is the data's own (e.g. sorted ImageNet synsets)."""
+    return {"format": FORMAT, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "in_chans": len(mean), "img_size": int(img_size), "native_size": int(img_size),
+            "classes": classes, "train_images": 0, "description": description,
+            "preprocessing": describe(img_size, crop_pct), "skipped_files": 0}
+
+
 def save_data_record(run_dir: str | Path, bundle: DataBundle) -> Path:
     """Write ``run_dir/data.json`` for ``bundle`` (atomically); returns its path."""
     path = Path(run_dir) / RECORD_FILE
@@ -89,3 +100,14 @@ def load_data_record(run_dir: str | Path) -> dict[str, Any] | None:
         raise DataError(f"{path} is not a valid {FORMAT} record ({why}); "
                         "delete it to fall back to statistics recomputed from the run's data") from None
     return rec
+
+
+def feed_of(run_dir: str | Path, bundle: DataBundle) -> tuple[list[float], list[float], float]:
+    """(mean, std, crop_pct) the run's model is fed with: its record's when it has one (an
+    imported model's own convention, or the training data's statistics), else ``bundle``'s."""
+    rec = load_data_record(run_dir)
+    if rec is None:
+        return list(bundle.mean), list(bundle.std), float(bundle.crop_pct)
+    return ([float(v) for v in rec["mean"]], [float(v) for v in rec["std"]],
+            float(rec["preprocessing"]["crop_pct"]))
+

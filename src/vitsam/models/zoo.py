@@ -146,7 +146,8 @@ def create_model(name: str, num_classes: int = 1000, img_size: int = 224, in_cha
             return _timm_model(name, num_classes, img_size, in_chans, kwargs)
         close = difflib.get_close_matches(name, list(MODELS), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ModelError(f"unknown model {name!r}{hint}; run `vitsam models` for the list, "
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."  # a damaged file: huge
+        raise ModelError(f"unknown model {shown}{hint}; run `vitsam models` for the list, "
                          "or give any timm model name")
     args = {**info.args, **kwargs}
     try:

@@ -43,8 +43,9 @@ def fingerprint(cfg: RunConfig) -> str:
     output folder, how many faulty steps in a row stop it, or what to do with unreadable files:
     a finished run is the same either way, and cells trained before those settings existed
     still match). A setting added later with a default that trains as before
-    (``train.sync_batchnorm=false``, ``data.label_noise=0``; the cheaper SAM keys while
-    ``optim.sam_variant=full``) is left out at that default, for the same reason."""
+    (``train.sync_batchnorm=false``, ``data.label_noise=0``, ``model.init_from=null``; the
+    cheaper SAM keys while ``optim.sam_variant=full``) is left out at that default, for the
+    same reason."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
     d["data"].pop("bad_files", None)
@@ -56,6 +57,9 @@ def fingerprint(cfg: RunConfig) -> str:
     if d["optim"].get("sam_variant", "full") == "full":  # then the variants' keys change nothing
         for key in _VARIANT_KEYS:
             d["optim"].pop(key, None)
+    if d["model"].get("init_from") is None and d["model"].get("init_checkpoint") == "last":
+        d["model"].pop("init_from", None)
+        d["model"].pop("init_checkpoint", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

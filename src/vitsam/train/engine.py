@@ -234,6 +234,7 @@ class Trainer:
     net: nn.Module | None = None  # what the steps drive: the model, under DDP across processes
     log: ScalarLog | None = None  # set once the run folder exists
     last_eval: tuple[int, dict[str, float]] | None = None  # (step, test metrics) of the last evaluation
+    init: dict[str, Any] | None = None  # what model.init_from carried over (finetune.py)
 
     @classmethod
     def build(cls, cfg: RunConfig, group: Group | None = None) -> "Trainer":
@@ -249,8 +250,15 @@ class Trainer:
         torch.manual_seed(t.seed)
         spec = make_spec(cfg.model.name, bundle.num_classes, bundle.img_size, bundle.in_chans,
                          dict(cfg.model.kwargs))
-        model = create_model(spec["name"], spec["num_classes"], spec["img_size"],
-                             spec["in_chans"], **spec["kwargs"]).to(device)
+        init = None
+        if cfg.model.init_from:  # fine-tuning: the source run's weights, adapted to this data
+            from .finetune import initialised_model
+
+            spec, model, init = initialised_model(cfg.model, spec, list(bundle.classes))
+            model = model.to(device)
+        else:
+            model = create_model(spec["name"], spec["num_classes"], spec["img_size"],
+                                 spec["in_chans"], **spec["kwargs"]).to(device)
         check_forward(model, spec["name"], spec["num_classes"], spec["img_size"], spec["in_chans"])
         model = group.batchnorm(model, t.sync_batchnorm, device)
         group.seed_ranks(t.seed)
@@ -263,7 +271,7 @@ class Trainer:
                               sync_perturbation=cfg.optim.sync_perturbation)
         return cls(cfg, bundle, timeline, spec, model, optimizer, scheduler, scaler,
                    nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), step_cfg, device,
-                   group, group.wrap(model, device))
+                   group, group.wrap(model, device), init=init)
 
     def test_batches(self, split: Any = None) -> Any:
         b = self.bundle
@@ -338,6 +346,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: str | Path | None,
         # The saved config must find the data from any working directory (eval, analyze).
         root = str(Path(cfg.data.root).expanduser().resolve())
         cfg = replace(cfg, data=replace(cfg.data, root=root))
+    if resume is None and cfg.model.init_from:  # likewise the run it starts from
+        src = str(Path(cfg.model.init_from).expanduser().resolve())
+        cfg = replace(cfg, model=replace(cfg.model, init_from=src))
     if cfg.train.tensorboard:
         check_tensorboard()
     tr = Trainer.build(cfg, group) if group.active else Trainer.build(cfg)
@@ -538,6 +549,8 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
     if tr.bundle.noisy is not None:
         final["label_noise"] = {"rate": tr.bundle.noisy.rate, "kind": tr.bundle.noisy.kind,
                                 "num_noisy": len(tr.bundle.noisy.index), **_noise_fit(tr)}
+    if tr.init is not None:
+        final["init"] = tr.init
     if tr.group.is_main:
         atomic_write_json(run_dir / "final.json", final)
     return final
