@@ -32,6 +32,10 @@ class DataConfig:
     ``bad_files``: what to do with image files of a folder source that cannot be read
     (``vitsam.data.scan``): ``error`` stops before training and names them all, ``skip`` leaves
     them out and lists them in the run folder.
+    ``resident``: keep a cached (in-memory uint8) training and test split on the training
+    device, so batches are gathered and augmented there with no copy per batch: ``auto`` on
+    CUDA when the images take at most a quarter of the free GPU memory, ``true``, ``false``
+    (``vitsam.train.fastpath``).
     """
 
     source: str = "mnist5k"
@@ -44,6 +48,7 @@ class DataConfig:
     val_split: str = "val"
     workers: int = 2
     bad_files: str = "error"
+    resident: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -58,6 +63,8 @@ class DataConfig:
             raise DataError(f"workers must be a non-negative integer, got {self.workers!r}")
         if self.bad_files not in BAD_FILES:
             raise DataError(f"bad_files must be one of {', '.join(BAD_FILES)}, got {self.bad_files!r}")
+        if not (self.resident is True or self.resident is False or self.resident == "auto"):
+            raise DataError(f"resident must be auto, true or false, got {self.resident!r}")
         check_split_name(self.val_split)
 
 

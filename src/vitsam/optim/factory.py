@@ -36,6 +36,7 @@ class OptimConfig:
     m: int | None = None  # m-sharpness chunk size on one device; None = whole batch
     sync_perturbation: bool = False  # DDP: perturb with the all-reduced gradient
     reuse_randomness: bool = True  # second SAM pass reuses the first pass's dropout masks
+    fused: bool | str = "auto"  # fused AdamW/SGD kernel: auto (on CUDA) | true | false
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -83,18 +84,41 @@ def validate(cfg: OptimConfig) -> None:
             raise ValueError(f"optim.{key} must be in [0, 1), got {getattr(cfg, key)}")
     if cfg.m is not None and cfg.m < 1:
         raise ValueError(f"optim.m must be a positive number of samples or null, got {cfg.m}")
+    if not is_switch(cfg.fused):
+        raise ValueError(f"optim.fused must be auto, true or false, got {cfg.fused!r}")
+
+
+def is_switch(value: object) -> bool:
+    """True for the values of an auto/true/false setting: ``"auto"``, True, False."""
+    return value is True or value is False or value == "auto"
+
+
+def use_fused(setting: bool | str, device: torch.device | str) -> bool:
+    """Whether ``optim.fused`` turns on torch's fused optimiser kernel on ``device``: ``auto``
+    on CUDA only (on the CPU torch's fused AdamW runs too, but is no faster there than the
+    default for-each kernel on vitsam's models: docs/benchmarks.md)."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(setting)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The configured optimiser over ``model``'s parameters (SAM-wrapped if ``cfg.sam``)."""
+    """The configured optimiser over ``model``'s parameters (SAM-wrapped if ``cfg.sam``).
+
+    ``optim.fused`` (``use_fused``) is resolved on the device of the model's parameters.
+    """
     validate(cfg)
     groups = param_groups(model, cfg.weight_decay)
+    first = next(model.parameters(), None)
+    fused = use_fused(cfg.fused, first.device if first is not None else "cpu")
     if cfg.name == "adamw":
         base_cls: type[torch.optim.Optimizer] = torch.optim.AdamW
         kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
     else:
         base_cls = torch.optim.SGD
         kwargs = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": True}
+    if fused:  # same update as the for-each kernel, to float rounding (tests/test_fastpath.py)
+        kwargs["fused"] = True
     if cfg.sam:
         from .sam import SAM
 

@@ -30,6 +30,9 @@ from ..config import RunConfig, to_dict
 from ..io import atomic_write_json, merge_json, read_json, read_jsonl
 from .presets import Cell, StageSettings
 
+FAST_PATH_DEFAULTS = (("train", "compile", False), ("train", "compile_mode", None),
+                      ("train", "compile_backend", "inductor"), ("train", "channels_last", "auto"),
+                      ("optim", "fused", "auto"), ("data", "resident", "auto"))
 STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness")
 MARKER = "cell.json"
 
@@ -45,6 +48,11 @@ def fingerprint(cfg: RunConfig) -> str:
     d["data"].pop("bad_files", None)
     if not d["train"].get("sync_batchnorm", False):
         d["train"].pop("sync_batchnorm", None)
+    # Speed settings (vitsam.train.fastpath) at their defaults, likewise.
+    for section, key, default in FAST_PATH_DEFAULTS:
+        value = d[section].get(key, default)
+        if type(value) is type(default) and value == default:  # True is not "auto"
+            d[section].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
