@@ -95,8 +95,8 @@ def is_switch(value: object) -> bool:
 
 def use_fused(setting: bool | str, device: torch.device | str) -> bool:
     """Whether ``optim.fused`` turns on torch's fused optimiser kernel on ``device``: ``auto``
-    on CUDA only (on the CPU torch's fused AdamW runs too, but is no faster there than the
-    default for-each kernel on vitsam's models: docs/benchmarks.md)."""
+    on CUDA only. torch's fused AdamW also runs on the CPU (``true``); there its measured gain
+    was within the noise of a shared machine (docs/benchmarks.md), so ``auto`` leaves it off."""
     if setting == "auto":
         return torch.device(device).type == "cuda"
     return bool(setting)
