@@ -469,6 +469,8 @@ def _check_weights(ckpt: Path, spec: dict, weights: dict[str, torch.Tensor]) -> 
             shell = build_from_spec(spec)
     except (ModelError, ValueError, TypeError, KeyError, RuntimeError, AssertionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if len(first) > 300:  # e.g. a damaged file's megabyte-long model name, quoted back
+            first = first[:297] + "..."
         raise CheckpointError(f"the model spec in {ckpt / 'state.json'} cannot be built: {first}; "
                               "the checkpoint is damaged or from another vitsam version") from None
     want = {k: (tuple(v.shape), v.dtype) for k, v in shell.state_dict().items()}
