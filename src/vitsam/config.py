@@ -71,6 +71,10 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None = torch's default
     sync_batchnorm: bool = False  # torchrun on GPUs: BatchNorm statistics over all processes
+    compile: bool = False  # torch.compile the model the steps drive (vitsam.train.fastpath)
+    compile_mode: str | None = None  # torch.compile mode: default, reduce-overhead, max-autotune, ...
+    compile_backend: str = "inductor"  # torch.compile backend (eager / aot_eager: cheap checks)
+    channels_last: bool | str = "auto"  # auto (ResNets on CUDA) | true | false
 
 
 @dataclass(frozen=True)
@@ -391,6 +395,9 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(msg)
     check_device(t.device, "train.device")
+    from .train.fastpath import validate_fastpath
+
+    validate_fastpath(cfg)
     from .optim.factory import validate as validate_optim
 
     try:

@@ -35,6 +35,10 @@ class DataConfig:
     ``label_noise``: the share of training labels replaced, seeded by ``seed``
     (``vitsam.data.noise``; the test labels stay clean), ``label_noise_kind``: ``symmetric``
     (another class, uniformly) or ``pair`` (the next class).
+    ``resident``: keep a cached (in-memory uint8) training and test split on the training
+    device, so batches are gathered and augmented there with no copy per batch: ``auto`` on
+    CUDA when the images take at most a quarter of the free GPU memory, ``true``, ``false``
+    (``vitsam.train.fastpath``).
     """
 
     source: str = "mnist5k"
@@ -49,6 +53,7 @@ class DataConfig:
     bad_files: str = "error"
     label_noise: float = 0.0
     label_noise_kind: str = "symmetric"
+    resident: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -69,6 +74,8 @@ class DataConfig:
         if self.label_noise_kind not in ("symmetric", "pair"):
             raise DataError("label_noise_kind must be one of symmetric, pair, got "
                             f"{self.label_noise_kind!r}")
+        if not (self.resident is True or self.resident is False or self.resident == "auto"):
+            raise DataError(f"resident must be auto, true or false, got {self.resident!r}")
         check_split_name(self.val_split)
 
 

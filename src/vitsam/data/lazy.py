@@ -61,10 +61,15 @@ class _FileDataset(Dataset):
 
 
 def file_batches(files: ImageFiles, batches: Sequence[Sequence], transform: v2.Compose,
-                 img_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Decode ``batches`` (lists of items) of ``files``: yields uint8 (B, C, S, S), int64 (B,) on CPU."""
+                 img_size: int, pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Decode ``batches`` (lists of items) of ``files``: yields uint8 (B, C, S, S), int64 (B,) on CPU.
+
+    ``pin_memory`` (for a CUDA consumer): batches come in page-locked memory, so the caller's
+    ``.to(device, non_blocking=True)`` copies asynchronously while the next batch decodes.
+    """
     loader = DataLoader(
         _FileDataset(files, transform, img_size), batch_sampler=batches, num_workers=files.workers,
+        pin_memory=pin_memory,
         # the loader draws a base seed even when unused; a private generator keeps the global RNG untouched
         generator=torch.Generator().manual_seed(0),
     )

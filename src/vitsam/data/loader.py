@@ -116,7 +116,7 @@ def train_batches(
                    for lo, hi in part[start_batch:]]
         tf = (lazy.train_transform(bundle.img_size) if crops
               else lazy.eval_transform(bundle.img_size, bundle.crop_pct))
-        source = lazy.file_batches(data, batches, tf, bundle.img_size)
+        source = lazy.file_batches(data, batches, tf, bundle.img_size, _pin(device))
         pad = 0
     elif isinstance(data, ImageTensors):
         source = ((data.images[perm[lo:hi]], data.labels[perm[lo:hi]])
@@ -139,6 +139,11 @@ def train_batches(
             seed = draw_seed(bgen)
             x, y = mixup(x, y, bundle.num_classes, seed if world == 1 else _slice_seed(seed, part[b][0]))
         yield x, y
+
+
+def _pin(device: str | torch.device) -> bool:
+    """Decoded batches in pinned memory when they go to a GPU (non-blocking copies)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
 def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
@@ -192,7 +197,8 @@ def eval_batches(
     if isinstance(data, ImageFiles):
         crop = EVAL_CROP_FRACTION if crop_pct is None else crop_pct
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-        source = lazy.file_batches(data, batches, lazy.eval_transform(img_size, crop), img_size)
+        source = lazy.file_batches(data, batches, lazy.eval_transform(img_size, crop), img_size,
+                                   _pin(device))
     elif isinstance(data, ImageTensors):
         crop = IN_MEMORY_CROP_FRACTION if crop_pct is None else crop_pct
         source = ((data.images[s:s + batch_size], data.labels[s:s + batch_size]) for s in range(0, n, batch_size))

@@ -43,6 +43,7 @@ class OptimConfig:
     looksam_alpha: float = 0.7  # LookSAM: weight of the reused orthogonal gradient part
     sam_prob: float = 0.2  # random: probability that a step is a SAM step (0.2: LookSAM k=5's cost)
     sam_seed: int = 0  # random: seed of the steps' draws
+    fused: bool | str = "auto"  # fused AdamW/SGD kernel: auto (on CUDA) | true | false
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -105,18 +106,41 @@ def validate(cfg: OptimConfig) -> None:
         raise ValueError(f"optim.sam_prob must be in [0, 1] (the share of SAM steps), got {cfg.sam_prob}")
     if cfg.sam_seed < 0:
         raise ValueError(f"optim.sam_seed must be >= 0, got {cfg.sam_seed}")
+    if not is_switch(cfg.fused):
+        raise ValueError(f"optim.fused must be auto, true or false, got {cfg.fused!r}")
+
+
+def is_switch(value: object) -> bool:
+    """True for the values of an auto/true/false setting: ``"auto"``, True, False."""
+    return value is True or value is False or value == "auto"
+
+
+def use_fused(setting: bool | str, device: torch.device | str) -> bool:
+    """Whether ``optim.fused`` turns on torch's fused optimiser kernel on ``device``: ``auto``
+    on CUDA only. torch's fused AdamW also runs on the CPU (``true``); there its measured gain
+    was within the noise of a shared machine (docs/benchmarks.md), so ``auto`` leaves it off."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(setting)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The configured optimiser over ``model``'s parameters (SAM-wrapped if ``cfg.sam``)."""
+    """The configured optimiser over ``model``'s parameters (SAM-wrapped if ``cfg.sam``).
+
+    ``optim.fused`` (``use_fused``) is resolved on the device of the model's parameters.
+    """
     validate(cfg)
     groups = param_groups(model, cfg.weight_decay)
+    first = next(model.parameters(), None)
+    fused = use_fused(cfg.fused, first.device if first is not None else "cpu")
     if cfg.name == "adamw":
         base_cls: type[torch.optim.Optimizer] = torch.optim.AdamW
         kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
     else:
         base_cls = torch.optim.SGD
         kwargs = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": True}
+    if fused:  # same update as the for-each kernel, to float rounding (tests/test_fastpath.py)
+        kwargs["fused"] = True
     if cfg.sam:
         from . import variants
         from .sam import SAM

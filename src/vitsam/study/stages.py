@@ -32,6 +32,9 @@ from ..config import RunConfig, to_dict
 from ..io import atomic_write_json, merge_json, read_json, read_jsonl
 from .presets import Cell, StageSettings
 
+FAST_PATH_DEFAULTS = (("train", "compile", False), ("train", "compile_mode", None),
+                      ("train", "compile_backend", "inductor"), ("train", "channels_last", "auto"),
+                      ("optim", "fused", "auto"), ("data", "resident", "auto"))
 STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness",
           "blocks", "trajectory")
 MARKER = "cell.json"
@@ -60,6 +63,11 @@ def fingerprint(cfg: RunConfig) -> str:
     if d["model"].get("init_from") is None and d["model"].get("init_checkpoint") == "last":
         d["model"].pop("init_from", None)
         d["model"].pop("init_checkpoint", None)
+    # Speed settings (vitsam.train.fastpath) at their defaults, likewise.
+    for section, key, default in FAST_PATH_DEFAULTS:
+        value = d[section].get(key, default)
+        if type(value) is type(default) and value == default:  # True is not "auto"
+            d[section].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

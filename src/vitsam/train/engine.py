@@ -32,6 +32,7 @@ from ..exact import Rounding, scaled
 from ..eval.metrics import evaluate
 from ..io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from ..models import check_forward, count_params, create_model, make_spec
+from ..models.zoo import model_family
 from ..optim.factory import build_optimizer
 from ..optim.schedule import build_scheduler
 from ..optim.steps import StepConfig
@@ -42,6 +43,7 @@ from .badsteps import BadSteps, NonFiniteError, step_counts
 from .checkpoint import CheckpointError, CheckpointWriteError, list_checkpoints, read_latest_good
 from .checkpoint import save_checkpoint, set_rng_state, step_name, unflatten_state
 from .distributed import Group, processes, reported_by_main
+from .fastpath import compile_model, resident_bundle, use_channels_last, use_resident
 from .scalars import ScalarLog, check_tensorboard
 
 
@@ -235,6 +237,7 @@ class Trainer:
     log: ScalarLog | None = None  # set once the run folder exists
     last_eval: tuple[int, dict[str, float]] | None = None  # (step, test metrics) of the last evaluation
     init: dict[str, Any] | None = None  # what model.init_from carried over (finetune.py)
+    channels_last: bool = False  # model and inputs in NHWC order (vitsam.train.fastpath)
 
     @classmethod
     def build(cls, cfg: RunConfig, group: Group | None = None) -> "Trainer":
@@ -246,6 +249,8 @@ class Trainer:
         group.per_rank_batch(t.batch_size)
         amp = autocast_dtype(t.precision, device)
         bundle = build_data(cfg.data)
+        if use_resident(cfg.data.resident, bundle, device):
+            bundle = resident_bundle(bundle, device)
         timeline = Timeline.from_config(t, steps_per_epoch(bundle, t.batch_size))
         torch.manual_seed(t.seed)
         spec = make_spec(cfg.model.name, bundle.num_classes, bundle.img_size, bundle.in_chans,
@@ -261,6 +266,9 @@ class Trainer:
                                  spec["in_chans"], **spec["kwargs"]).to(device)
         check_forward(model, spec["name"], spec["num_classes"], spec["img_size"], spec["in_chans"])
         model = group.batchnorm(model, t.sync_batchnorm, device)
+        nhwc = use_channels_last(t.channels_last, model_family(spec["name"]), device)
+        if nhwc:
+            model = model.to(memory_format=torch.channels_last)
         group.seed_ranks(t.seed)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, timeline.total_steps, timeline.warmup_steps,
@@ -269,9 +277,11 @@ class Trainer:
         step_cfg = StepConfig(clip_norm=t.clip_norm, micro_batch=t.micro_batch, m=cfg.optim.m,
                               autocast_dtype=amp, reuse_randomness=cfg.optim.reuse_randomness,
                               sync_perturbation=cfg.optim.sync_perturbation)
+        # The steps drive the compiled module; checkpoints and evaluation the plain one.
+        net = group.wrap(compile_model(model, t) if t.compile else model, device)
         return cls(cfg, bundle, timeline, spec, model, optimizer, scheduler, scaler,
                    nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), step_cfg, device,
-                   group, group.wrap(model, device), init=init)
+                   group, net, init=init, channels_last=nhwc)
 
     def test_batches(self, split: Any = None) -> Any:
         b = self.bundle
@@ -403,6 +413,8 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
                                   seed=cfg.train.seed, device=tr.device, start_batch=skip,
                                   shard=(tr.group.rank, tr.group.world)):
             bad.before_step(tr, meter)
+            if tr.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             out = train_step(tr.net, tr.criterion, x, y, tr.optimizer, tr.scheduler, tr.scaler,
                              tr.step_cfg)
             out = tr.group.reduce_step(out)  # the global batch's numbers, in every process
