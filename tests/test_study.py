@@ -286,7 +286,8 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     old = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     del old["train"]["max_bad_steps"], old["train"]["sync_batchnorm"], old["data"]["bad_files"]
     del old["data"]["label_noise"], old["data"]["label_noise_kind"]
-    for key in ("sam_variant", "looksam_k", "looksam_alpha", "sam_prob", "sam_seed", "fused"):
+    for key in ("sam_variant", "looksam_k", "looksam_alpha", "looksam_scope", "sam_prob", "sam_seed",
+                "fused"):
         del old["optim"][key]
     del old["model"]["init_from"], old["model"]["init_checkpoint"], old["data"]["resident"]
     for key in ("compile", "compile_mode", "compile_backend", "channels_last"):
@@ -296,6 +297,13 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     assert stages.fingerprint(looksam) != stages.fingerprint(replace(looksam, optim=replace(
         looksam.optim, looksam_k=3)))
     assert stages.fingerprint(replace(cfg, optim=replace(cfg.optim, looksam_k=3))) == fp  # unused
+    # A LookSAM cell from before looksam_scope trained with global norms: it must not match.
+    assert stages.fingerprint(replace(looksam, optim=replace(looksam.optim, looksam_scope="global"))) \
+        != stages.fingerprint(looksam)
+    for variant in ("random", "sam-on"):  # the scope changes nothing there, so those cells match
+        other = replace(cfg, optim=replace(cfg.optim, sam=True, sam_variant=variant))
+        assert stages.fingerprint(other) == stages.fingerprint(replace(other, optim=replace(
+            other.optim, looksam_scope="global")))
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, sync_batchnorm=True))) != fp
     assert stages.fingerprint(replace(cfg, data=replace(cfg.data, label_noise=0.2))) != fp
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp

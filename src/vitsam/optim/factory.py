@@ -41,6 +41,7 @@ class OptimConfig:
     sam_variant: str = "full"
     looksam_k: int = 5  # LookSAM: a SAM step every k steps
     looksam_alpha: float = 0.7  # LookSAM: weight of the reused orthogonal gradient part
+    looksam_scope: str = "tensor"  # LookSAM: norms per parameter tensor | global (variants.py)
     sam_prob: float = 0.2  # random: probability that a step is a SAM step (0.2: LookSAM k=5's cost)
     sam_seed: int = 0  # random: seed of the steps' draws
     fused: bool | str = "auto"  # fused AdamW/SGD kernel: auto (on CUDA) | true | false
@@ -91,7 +92,7 @@ def validate(cfg: OptimConfig) -> None:
             raise ValueError(f"optim.{key} must be in [0, 1), got {getattr(cfg, key)}")
     if cfg.m is not None and cfg.m < 1:
         raise ValueError(f"optim.m must be a positive number of samples or null, got {cfg.m}")
-    from .variants import SAM_VARIANTS
+    from .variants import LOOKSAM_SCOPES, SAM_VARIANTS
 
     if cfg.sam_variant not in SAM_VARIANTS:
         raise ValueError(f"unknown optim.sam_variant {cfg.sam_variant!r}; choose one of "
@@ -102,6 +103,9 @@ def validate(cfg: OptimConfig) -> None:
         raise ValueError(f"optim.looksam_k must be >= 1 (a SAM step every k steps), got {cfg.looksam_k}")
     if not cfg.looksam_alpha >= 0:
         raise ValueError(f"optim.looksam_alpha must be >= 0, got {cfg.looksam_alpha}")
+    if cfg.looksam_scope not in LOOKSAM_SCOPES:
+        raise ValueError(f"unknown optim.looksam_scope {cfg.looksam_scope!r}; choose one of "
+                         f"{', '.join(LOOKSAM_SCOPES)}")
     if not 0 <= cfg.sam_prob <= 1:
         raise ValueError(f"optim.sam_prob must be in [0, 1] (the share of SAM steps), got {cfg.sam_prob}")
     if cfg.sam_seed < 0:
@@ -148,7 +152,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         sam = dict(rho=cfg.rho, adaptive=cfg.adaptive)
         if cfg.sam_variant == "looksam":
             return variants.LookSAM(groups, base_cls, **sam, k=cfg.looksam_k, alpha=cfg.looksam_alpha,
-                                    **kwargs)
+                                    scope=cfg.looksam_scope, **kwargs)
         if cfg.sam_variant == "random":
             return variants.RandomSAM(groups, base_cls, **sam, prob=cfg.sam_prob, seed=cfg.sam_seed,
                                       **kwargs)

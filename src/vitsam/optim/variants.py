@@ -5,10 +5,17 @@ Cost model, in forward-backward passes (F/B) per optimiser step, against the bas
 
     full     2 F/B every step (Foret et al., 2021; ``vitsam.optim.sam``).
     looksam  Liu et al., 2022. Every k-th step is a SAM step (2 F/B) that also stores the part
-             of the perturbed gradient g_s orthogonal to the clean gradient g,
-                 g_v = g_s - (g . g_s / |g|^2) g;
+             of the perturbed gradient g_s orthogonal to the clean gradient g, per parameter
+             tensor i (``looksam_scope=tensor``, the default and the authors' code):
+                 g_v,i = g_s,i - (g_i . g_s,i / |g_i|^2) g_i;
              the k - 1 steps in between take 1 F/B and step with
-                 g + alpha * (|g| / |g_v|) * g_v            (|.|: global L2 norms).
+                 g_i + alpha * (|g_i| / |g_v,i|) * g_v,i     (|.|: L2 norms of tensor i).
+             ``looksam_scope=global`` takes the dot products and norms over all parameters at
+             once (the paper's formula read literally). That scope does not train behind a
+             zero-initialised head: at the start only the head has a clean gradient, the rest
+             of the network gets g_v scaled by the head's |g| (250x its own gradient in the
+             cpu-scale Mixer), and AdamW's per-coordinate normalisation turns that stale
+             direction into full-size steps (docs/results.md: the Mixer stays at ln 10).
              Mean (k + 1) / k F/B per step (1.2 at k = 5), plus three vector passes over the
              parameters in between and one gradient copy on SAM steps. k = 1 is full SAM.
     sam-on   Mueller et al., 2023 ("SAM-ON"): eps is SAM's formula restricted to the
@@ -44,6 +51,7 @@ from torch.optim import Optimizer
 from .sam import SAM, _norm_dtype, global_norm
 
 SAM_VARIANTS = ("full", "looksam", "sam-on", "random")
+LOOKSAM_SCOPES = ("tensor", "global")
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, _BatchNorm, _InstanceNorm,
                                        *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
@@ -146,21 +154,25 @@ class LookSAM(ScheduledSAM):
     needs_clean = True  # g_v needs the clean gradient beside the perturbed one
 
     def __init__(self, params: Iterable[Any], base_optimizer_cls: type[Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, *, k: int = 5, alpha: float = 0.7, **kwargs: Any) -> None:
+                 adaptive: bool = False, *, k: int = 5, alpha: float = 0.7, scope: str = "tensor",
+                 **kwargs: Any) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"LookSAM k must be a whole number of steps >= 1, got {k!r}")
         if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha >= 0):
             raise ValueError(f"LookSAM alpha must be a number >= 0, got {alpha!r}")
+        if scope not in LOOKSAM_SCOPES:
+            raise ValueError(f"LookSAM scope must be one of {', '.join(LOOKSAM_SCOPES)}, got {scope!r}")
         super().__init__(params, base_optimizer_cls, rho, adaptive, **kwargs)
-        self.k, self.alpha = k, float(alpha)
+        self.k, self.alpha, self.scope = k, float(alpha), scope
         self._reset_variant()
 
     def _config_keys(self) -> tuple[str, ...]:
-        return ("k", "alpha")
+        return ("k", "alpha", "scope")
 
     def _reset_variant(self) -> None:
         self.direction: dict[torch.Tensor, torch.Tensor] = {}  # param -> g_v part
-        self.direction_norm: torch.Tensor | None = None  # |g_v|, None: nothing stored yet
+        self.direction_norm: torch.Tensor | None = None  # global |g_v|, None: nothing stored yet
+        self.tensor_norms: dict[torch.Tensor, torch.Tensor] = {}  # param -> |g_v,i|
         self._next: dict[torch.Tensor, torch.Tensor] = {}  # g_v of the step under way
 
     def wants_perturbation(self) -> bool:
@@ -170,24 +182,36 @@ class LookSAM(ScheduledSAM):
     def observe(self, clean: list[torch.Tensor], perturbed: list[torch.Tensor],
                 params: list[torch.Tensor]) -> list[torch.Tensor]:
         """g_v = g_s - (g . g_s / |g|^2) g from the clean (g) and perturbed (g_s) gradients of
-        ``params`` (equal shapes pairwise), kept until this step is taken (``base_step``); a
-        zero g gives g_v = g_s. Returns the new g_v tensors (for averaging across processes)."""
+        ``params`` (equal shapes pairwise), per tensor or over all of them (``scope``), kept
+        until this step is taken (``base_step``); a zero g gives g_v = g_s. Returns the new
+        g_v tensors (for averaging across processes)."""
+        if not clean:
+            self._next = {}
+            return []
         dt = _norm_dtype(list(clean) + list(perturbed))
         g = [c.to(dt) for c in clean]
         gs = [s.to(dt) for s in perturbed]
-        dot = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g, gs)]).sum() \
-            if g else torch.zeros((), dtype=dt)
-        gg = global_norm(g).to(dot.device).square() if g else torch.zeros((), dtype=dt)
-        coef = torch.where(gg > 0, dot / gg, torch.zeros_like(dot))
-        gv = [s - coef.to(s.device) * a for a, s in zip(g, gs)]
+        dots = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)).to(g[0].device) for a, b in zip(g, gs)])
+        ggs = torch.stack([n.to(g[0].device) for n in torch._foreach_norm(g, 2)]).square()
+        if self.scope == "global":
+            dots, ggs = dots.sum().expand(len(g)), ggs.sum().expand(len(g))
+        coefs = torch.where(ggs > 0, dots / torch.where(ggs > 0, ggs, 1), torch.zeros_like(dots))
+        gv = [s - coefs[i].to(s.device) * a for i, (a, s) in enumerate(zip(g, gs))]
         self._next = dict(zip(params, gv))
         return gv
+
+    def _store(self, direction: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Keep ``direction`` (param -> g_v) for the steps in between, with its norms."""
+        self.direction = direction
+        values = list(direction.values())
+        norms = torch._foreach_norm(values, 2) if values else []
+        self.tensor_norms = dict(zip(direction.keys(), norms))
+        self.direction_norm = global_norm(values) if values else None
 
     @torch.no_grad()
     def base_step(self) -> None:
         if self._pending and self._next:
-            self.direction = self._next
-            self.direction_norm = global_norm(list(self._next.values()))
+            self._store(self._next)
         self._next = {}
         super().base_step()
 
@@ -198,19 +222,28 @@ class LookSAM(ScheduledSAM):
 
     @torch.no_grad()
     def reuse_gradient(self, params: list[torch.Tensor], grad_norm: torch.Tensor) -> None:
-        """g <- g + alpha * (|g| / |g_v|) * g_v on the parameters with a stored g_v part."""
+        """g <- g + alpha * (|g| / |g_v|) * g_v on the parameters with a stored g_v part, the
+        norms per tensor or over all parameters (``scope``; ``grad_norm``: the global |g|)."""
         if self.direction_norm is None:
             return
-        n = self.direction_norm
-        scale = torch.where(n > 0, self.alpha * grad_norm.to(n.device, n.dtype) / n, torch.zeros_like(n))
-        for p in params:
-            d = self.direction.get(p)
-            if d is not None:
-                p.grad.add_((d * scale.to(d.device)).to(p.grad.dtype))
+        held = [p for p in params if p in self.direction]
+        if self.scope == "global":
+            n = self.direction_norm
+            scale = torch.where(n > 0, self.alpha * grad_norm.to(n.device, n.dtype) / n, torch.zeros_like(n))
+            scales = [scale] * len(held)
+        else:
+            gnorms = torch._foreach_norm([p.grad for p in held], 2) if held else []
+            scales = []
+            for p, gn in zip(held, gnorms):
+                n = self.tensor_norms[p]
+                scales.append(torch.where(n > 0, self.alpha * gn.to(n.device, n.dtype) / n, torch.zeros_like(n)))
+        for p, scale in zip(held, scales):
+            d = self.direction[p]
+            p.grad.add_((d * scale.to(d.device)).to(p.grad.dtype))
 
     def _variant_state(self) -> dict[str, Any]:
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        return {**super()._variant_state(), "k": self.k, "alpha": self.alpha,
+        return {**super()._variant_state(), "k": self.k, "alpha": self.alpha, "scope": self.scope,
                 "direction": {index[p]: d for p, d in self.direction.items()}}
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
@@ -224,8 +257,7 @@ class LookSAM(ScheduledSAM):
                 raise ValueError(f"LookSAM state holds a direction for parameter {i} of shape "
                                  f"{tuple(d.shape)}, which this model does not have")
             self.direction[params[i]] = d.to(params[i].device)
-        if self.direction:
-            self.direction_norm = global_norm(list(self.direction.values()))
+        self._store(self.direction)
 
 
 class RandomSAM(ScheduledSAM):

@@ -47,8 +47,9 @@ def fingerprint(cfg: RunConfig) -> str:
     a finished run is the same either way, and cells trained before those settings existed
     still match). A setting added later with a default that trains as before
     (``train.sync_batchnorm=false``, ``data.label_noise=0``, ``model.init_from=null``; the
-    cheaper SAM keys while ``optim.sam_variant=full``) is left out at that default, for the
-    same reason."""
+    cheaper SAM keys while ``optim.sam_variant=full``, ``optim.looksam_scope`` off LookSAM) is
+    left out at that default, for the same reason. LookSAM cells do keep ``looksam_scope``:
+    those trained before it existed used the global scope and must not be reused."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
     d["data"].pop("bad_files", None)
@@ -60,6 +61,8 @@ def fingerprint(cfg: RunConfig) -> str:
     if d["optim"].get("sam_variant", "full") == "full":  # then the variants' keys change nothing
         for key in _VARIANT_KEYS:
             d["optim"].pop(key, None)
+    if d["optim"].get("sam_variant") != "looksam":  # LookSAM cells of the global scope retrain
+        d["optim"].pop("looksam_scope", None)
     if d["model"].get("init_from") is None and d["model"].get("init_checkpoint") == "last":
         d["model"].pop("init_from", None)
         d["model"].pop("init_checkpoint", None)
