@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def study_dir(tmp_path_factory: pytest.TempPathFactory):
-    """One smoke-scale study folder: main (2 seeds), inside on main's cells, sharpness and
-    geometry on sharpness's cells."""
+    """One smoke-scale study folder: main (2 seeds), inside on main's cells, sharpness,
+    geometry and transfer on sharpness's cells."""
     from vitsam.study.presets import get_study
     from vitsam.study.runner import run_study
 
@@ -22,4 +22,5 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory):
     run_study(get_study("inside"), "smoke", out, seeds=(0, 1), progress=False)
     run_study(get_study("sharpness"), "smoke", out, seeds=(0,), progress=False)
     run_study(get_study("geometry"), "smoke", out, seeds=(0,), progress=False)
+    run_study(get_study("transfer"), "smoke", out, seeds=(0,), progress=False)
     return out

@@ -113,6 +113,36 @@ def test_geometry_reuses_sharpness_cells_and_fills_its_columns(study_dir: Path) 
     assert md.count("| blocks.0 |") == 1 and md.count("| layer1 |") == 1
 
 
+def test_transfer_fine_tunes_each_sharpness_cell_and_reports_its_accuracy(study_dir: Path) -> None:
+    import torch
+
+    from vitsam.data import build_data, eval_batches
+    from vitsam.train.checkpoint import load_run
+
+    rec = _record(study_dir, "transfer")
+    for name, entry in rec["cells"].items():
+        assert entry["status"] == "done" and entry["ran"] == ["transfer"], name  # not retrained
+    t = tables.study_tables(study_dir, rec)
+    assert len(t["rows"]) == 4
+    for r in t["rows"]:
+        res = json.loads((study_dir / r["name"] / "transfer.json").read_text())
+        run_dir = study_dir / r["name"] / res["run"]
+        assert res["data"] == "mnist5k" and res["init"]["from"] == str((study_dir / r["name"]).resolve())
+        # The accuracy, recomputed here from the fine-tuned weights and the MNIST-5k test split.
+        run = load_run(run_dir)
+        bundle = build_data(run.data_config())
+        hits = n = 0
+        with torch.no_grad():
+            run.model.eval()
+            for x, y in eval_batches(bundle.test, 256, bundle.mean, bundle.std, bundle.img_size):
+                hits += int((run.model(x).argmax(1) == y).sum())
+                n += len(y)
+        assert n == len(bundle.test) and res["test_acc"] == pytest.approx(hits / n)
+        assert r["transfer_acc"] == res["test_acc"]
+    md = (study_dir / "transfer.md").read_text()
+    assert "transfer test acc %" in md and "| vit sam - vanilla |" in md
+
+
 def test_report_html_and_markdown_hold_the_same_numbers(study_dir: Path) -> None:
     from vitsam.report import build_report
 

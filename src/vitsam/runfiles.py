@@ -36,6 +36,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "eval": {"corruptions": {"mean_corruption_accuracy": (NUM, NULL), "params": STR, "n": NUM}},
     "sharpness": {"checkpoints!": [{"step!": NUM, "lambda_max!": NUM, "loss!": NUM}],
                   "logged!": [{"step!": NUM, "sharpness!": NUM}]},
+    "transfer": {"test_acc!": NUM, "train_acc": (NUM, NULL), "data!": STR, "run": STR},
     "config": {"model!": {"name!": STR}, "optim!": {"sam": BOOL}, "data!": {"augment": STR,
                "train_fraction": NUM}, "train!": {"seed": NUM}},
     "study": {"study!": STR, "description": STR, "scale": STR, "seeds!": NUMS, "command": (STR, NULL),
@@ -44,7 +45,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
               "cells!": {"*": {"status": STR}}},
 }
 WHAT = {"final": "final results", "analysis": "analysis file", "eval": "evaluation file",
-        "sharpness": "sharpness file", "config": "run config", "study": "study record"}
+        "sharpness": "sharpness file", "transfer": "transfer result", "config": "run config", "study": "study record"}
 
 
 def _kind(v: Any) -> str:

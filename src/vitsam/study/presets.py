@@ -93,6 +93,12 @@ class StageSettings:
     blocks: tuple[str, ...] = ("hessian.per_block=true", "hessian.k=1", "hessian.tol=0.01",
                                "hessian.trace_probes=8")
     trajectory: tuple[str, ...] = ("trajectory.steps=15",)
+    # Transfer: each cell's last checkpoint fine-tuned on another dataset (vitsam finetune's
+    # recipe: SGD, momentum 0.9, lr 0.01, new head) with these overrides, at the source's size.
+    transfer_data: str = "mnist5k"
+    transfer: tuple[str, ...] = ("train.epochs=10", "train.eval_every_epochs=10",
+                                 "train.ckpt_every_epochs=10", "train.threads=1",
+                                 "data.augment=none")
 
 
 @dataclass(frozen=True)
@@ -246,7 +252,9 @@ def _settings(scale: str) -> StageSettings:
                                         "landscape.max_batches=1"),
                              blocks=("hessian.per_block=true", "hessian.k=1", "hessian.tol=0.05",
                                      "hessian.max_iter=8", "hessian.trace_probes=2"),
-                             trajectory=("trajectory.steps=3", "trajectory.max_batches=1"))
+                             trajectory=("trajectory.steps=3", "trajectory.max_batches=1"),
+                             transfer=("train.epochs=1", "data.train_fraction=0.02", "train.batch_size=16",
+                                       "train.train_eval_samples=50", "data.augment=none"))
     if scale == "cpu":
         return StageSettings(batches=4, batch_size=64, corrupt_limit=500)
     return StageSettings(batches=8, batch_size=128, corrupt_limit=None)
@@ -291,7 +299,12 @@ STUDIES: dict[str, Study] = {
                       ("test_acc", "lambda_max", "block_lambda_max", "trajectory_explained"),
                       _settings, reuses="sharpness"),
 
-
+    "transfer": Study("transfer", "Transfer: each of sharpness's CIFAR-10 cells (vanilla and SAM, "
+                      "ViT and ResNet) fine-tuned on MNIST-5k with the same plain SGD recipe; "
+                      "does a SAM-trained source transfer better? (reuses sharpness's cells)",
+                      _sharpness_grid, ("transfer",), ("test_acc", "lambda_max_last", "transfer_acc",
+                                                       "transfer_train_acc"),
+                      _settings, reuses="sharpness"),
     "sam-variants": Study("sam-variants", "Cheaper SAM: ViT and Mixer x {vanilla, SAM, LookSAM "
                           "(k=5), SAM-ON (normalisation layers only), SAM on a random fifth of "
                           "the steps}: accuracy, Hessian lambda_max and training images/s against "

@@ -16,6 +16,7 @@ Stages:
     sharpness    lambda_max at every saved checkpoint, next to SAM's logged sharpness
     blocks       lambda_max and trace of the Hessian restricted to each block (and of all of it)
     trajectory   the checkpoints' path on its top-2 principal directions over the loss surface
+    transfer     the last checkpoint fine-tuned on another dataset (``vitsam finetune``'s recipe)
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ FAST_PATH_DEFAULTS = (("train", "compile", False), ("train", "compile_mode", Non
                       ("train", "compile_backend", "inductor"), ("train", "channels_last", "auto"),
                       ("optim", "fused", "auto"), ("data", "resident", "auto"))
 STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness",
-          "blocks", "trajectory")
+          "blocks", "trajectory", "transfer")
 MARKER = "cell.json"
 _VARIANT_KEYS = ("sam_variant", "looksam_k", "looksam_alpha", "sam_prob", "sam_seed")
 
@@ -239,6 +240,26 @@ def _sharpness(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) 
                                                     "settings": list(settings.hessian)})
 
 
+def _transfer(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
+    """Fine-tune the cell's last checkpoint on ``settings.transfer_data`` into the run folder
+    ``transfer-<data>`` inside the cell (resumed if interrupted) -> ``transfer.json``."""
+    from ..train.engine import train
+    from ..train.finetune import finetune_config
+
+    data = settings.transfer_data
+    run_dir = cell_dir / f"transfer-{data}"
+    if not (run_dir / "final.json").exists():
+        if (run_dir / "config.json").exists():
+            train(resume=run_dir, progress=False)
+        else:
+            cfg = finetune_config(cell_dir, data, overrides=list(settings.transfer))
+            train(replace(cfg, name=f"{cell_dir.name}-{data}"), run_dir=run_dir, progress=False)
+    final = read_json(run_dir / "final.json", "fine-tuning result")
+    atomic_write_json(cell_dir / "transfer.json", {
+        "data": data, "run": run_dir.name, "settings": list(settings.transfer),
+        **{k: final.get(k) for k in ("test_acc", "train_acc", "steps", "wall_time_s", "init")}})
+
+
 STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity"),
                "attention": _simple("attention"), "landscape": _simple("landscape", "landscape"),
                "corruptions": _corruptions,
@@ -246,4 +267,5 @@ STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity")
                # The per-block Hessian is the hessian analysis with per_block=true: its result
                # (whole-model lambda_max and trace beside the blocks') is saved as "hessian".
                "blocks": _simple("hessian", "blocks"),
-               "trajectory": _simple("trajectory", "trajectory")}
+               "trajectory": _simple("trajectory", "trajectory"),
+               "transfer": _transfer}

@@ -1,7 +1,7 @@
 """A study's numbers: read cell run folders, aggregate over seeds, mark significant SAM effects.
 
 ``collect`` reads only run folders (``final.json``, ``analysis.json``, ``eval.json``,
-``sharpness.json``, ``cell.json``); ``aggregate`` groups the cells of one row (family, method,
+``sharpness.json``, ``transfer.json``, ``cell.json``); ``aggregate`` groups the cells of one row (family, method,
 training fraction) over their seeds into mean, spread (sample standard deviation; 0 for one
 seed) and count. A method-minus-baseline difference (SAM - vanilla, a cheaper SAM variant -
 full SAM) is *significant* only when both sides have
@@ -38,11 +38,14 @@ COLUMNS: dict[str, tuple[str, str, bool | None]] = {
     "noisy_true": ("noisy samples, true class %", "{:.1f}", True),
     "block_lambda_max": ("largest block lambda_max", "{:.4g}", False),
     "trajectory_explained": ("path on top-2 PCs %", "{:.1f}", None),
+    "transfer_acc": ("transfer test acc %", "{:.2f}", True),
+    "transfer_train_acc": ("transfer train acc %", "{:.2f}", None),
 }
 # method -> the method its difference row compares it with
 BASELINES = {"sam": "vanilla", "sam-aug": "aug", "looksam": "sam", "sam-on": "sam", "random": "sam"}
 SCALE = {"params": 1e-6, "test_acc": 100.0, "train_acc": 100.0, "corrupt_acc": 100.0,
-         "trajectory_explained": 100.0, "noisy_memorised": 100.0, "noisy_true": 100.0}
+         "trajectory_explained": 100.0, "noisy_memorised": 100.0, "noisy_true": 100.0,
+         "transfer_acc": 100.0, "transfer_train_acc": 100.0}
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -93,6 +96,8 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
     traj = _get(ana, "trajectory", "result")
     if traj and traj.get("supported", True) is not False:
         v["trajectory_explained"] = sum(traj["explained"])
+    transfer = _load(run_dir / "transfer.json", "transfer")
+    v["transfer_acc"], v["transfer_train_acc"] = transfer.get("test_acc"), transfer.get("train_acc")
     sharp = _load(run_dir / "sharpness.json", "sharpness").get("checkpoints")
     if sharp:
         v["lambda_max_last"] = sharp[-1]["lambda_max"]
