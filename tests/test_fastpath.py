@@ -20,6 +20,8 @@ from vitsam.study import stages
 from vitsam.train import engine, fastpath
 from vitsam.train.checkpoint import load_run
 
+from resume import whole_and_resumed
+
 CPU = torch.device("cpu")
 
 
@@ -61,21 +63,7 @@ def _whole_and_resumed(tmp_path, monkeypatch, *extra: str):
     """A 5-step run uninterrupted, and interrupted at step 5 (checkpoint at step 3) then resumed."""
     cfg = _cfg(tmp_path, "mnist-vit-sam", "train.max_steps=5", "train.ckpt_every_epochs=0.5",
                "train.epochs=2", "train.log_every_steps=2", "model.kwargs.drop_rate=0.1", *extra)
-    _train(cfg, tmp_path / "whole")
-    real, calls = engine.train_step, {"n": 0}
-
-    def crash_at_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_step", crash_at_five)
-    with pytest.raises(KeyboardInterrupt):
-        engine.train(cfg, run_dir=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(engine, "train_step", real)
-    assert load_run(tmp_path / "cut").step == 3
-    engine.train(resume=tmp_path / "cut", progress=False)
+    whole_and_resumed(cfg, tmp_path, monkeypatch)
     return tmp_path / "whole", tmp_path / "cut"
 
 

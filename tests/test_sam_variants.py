@@ -15,6 +15,8 @@ from vitsam.optim.factory import OptimConfig, build_optimizer
 from vitsam.optim.variants import LookSAM, RandomSAM, SAMOn, norm_only_groups, perturbs
 from vitsam.train.checkpoint import flatten_state, unflatten_state
 
+from resume import whole_and_resumed
+
 RHO, LR = 0.1, 0.5
 
 
@@ -269,28 +271,13 @@ def test_state_dict_through_a_checkpoint_resumes_bit_exactly(make):
 def test_training_resumed_mid_run_is_exact(tmp_path, monkeypatch, variant):
     from vitsam.io import read_jsonl
     from vitsam.presets import get_preset
-    from vitsam.train import engine
     from vitsam.train.checkpoint import load_run
 
     cfg = apply_overrides(get_preset("mnist-vit-sam", smoke_size=True), [
         f"out_dir={tmp_path}", "train.max_steps=5", "train.epochs=2", "train.ckpt_every_epochs=0.5",
         "train.log_every_steps=2", "train.train_eval_samples=32", f"optim.sam_variant={variant}",
         "optim.looksam_k=2", "optim.sam_prob=0.5"])
-    whole = engine.train(cfg, run_dir=tmp_path / "whole", progress=False)
-    real, calls = engine.train_step, {"n": 0}
-
-    def crash_at_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_step", crash_at_five)
-    with pytest.raises(KeyboardInterrupt):
-        engine.train(cfg, run_dir=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(engine, "train_step", real)
-    assert load_run(tmp_path / "cut").step == 3
-    cut = engine.train(resume=tmp_path / "cut", progress=False)
+    whole, cut = whole_and_resumed(cfg, tmp_path, monkeypatch)
     a, b = load_run(tmp_path / "whole").model, load_run(tmp_path / "cut").model
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
@@ -309,6 +296,8 @@ def test_training_resumed_mid_run_is_exact(tmp_path, monkeypatch, variant):
     (["optim.sam_variant=looksam"], "optim.sam_variant=looksam needs optim.sam=true"),
     (["optim.sam=true", "optim.looksam_k=0"], "optim.looksam_k must be >= 1"),
     (["optim.sam=true", "optim.looksam_alpha=-1"], "optim.looksam_alpha must be >= 0"),
+    (["optim.sam=true", "optim.looksam_scope=layer"],
+     "unknown optim.looksam_scope 'layer'; choose one of tensor, global"),
     (["optim.sam=true", "optim.sam_prob=1.5"], r"optim.sam_prob must be in \[0, 1\]"),
     (["optim.sam=true", "optim.sam_seed=-2"], "optim.sam_seed must be >= 0"),
 ])
