@@ -141,6 +141,7 @@ def test_transfer_fine_tunes_each_sharpness_cell_and_reports_its_accuracy(study_
         assert r["transfer_acc"] == res["test_acc"]
     md = (study_dir / "transfer.md").read_text()
     assert "transfer test acc %" in md and "| vit sam - vanilla |" in md
+    assert "Hessian per block" not in md  # geometry's blocks, on the same cells, are not this table's
 
 
 def test_report_html_and_markdown_hold_the_same_numbers(study_dir: Path) -> None:

@@ -294,7 +294,9 @@ def study_tables(study_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     matched = match_losses(rows)
     agg = aggregate(rows, columns)
     return {"rows": rows, "agg": agg, "diffs": differences(agg, columns), "columns": columns,
-            "matched_loss": matched, "blocks_md": block_tables(study_dir, rows)}
+            "matched_loss": matched,
+            # Only a study that measures the blocks shows them (its cells may carry them anyway).
+            "blocks_md": block_tables(study_dir, rows) if "blocks" in (record.get("stages") or ["blocks"]) else ""}
 
 
 def write_tables(study_dir: Path, record: dict[str, Any]) -> Path:
