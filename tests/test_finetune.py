@@ -158,3 +158,18 @@ def test_a_run_interrupted_before_its_first_checkpoint_resumes_from_the_source(s
     for key, value in whole.state_dict().items():  # started again from the source's weights
         assert torch.equal(cut.state_dict()[key], value), key
     assert json.loads((tmp_path / "cut" / "final.json").read_text())["init"]["pos_embed"] == [2, [4, 4]]
+
+
+def test_init_from_null_is_the_same_recipe_from_random_weights(source, tmp_path, capsys):
+    """The scratch baseline of a transfer result: same architecture, data and optimiser."""
+    out = tmp_path / "scratch"
+    assert main(["finetune", str(source), "--data", "digits", "--out", str(out), "--quiet",
+                 "--set", *FAST, "model.init_from=null"]) == 0
+    assert "started from random weights" in capsys.readouterr().out
+    final = json.loads((out / "final.json").read_text())
+    assert "init" not in final or not final["init"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["init_from"] is None and cfg["optim"]["name"] == "sgd"
+    src = load_run(source).model.state_dict()
+    scratch = Trainer.build(finetune_config(source, "digits", overrides=[*FAST, "model.init_from=null"]))
+    assert not torch.equal(scratch.model.state_dict()["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])

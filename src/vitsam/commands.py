@@ -313,11 +313,14 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     cfg = finetune_config(args.run, args.data, args.root, args.img_size, args.checkpoint,
                           list(args.set))
     final = train(cfg, run_dir=args.out, progress=not args.quiet)
-    init = final.get("init", {})
+    init = final.get("init") or {}
     grid = init.get("pos_embed")
-    print(f"started from {init.get('from')} ({init.get('checkpoint')}): classifier "
-          f"{init.get('head')}" + (f", position embedding {grid[0]}x{grid[0]} -> "
-                                   f"{grid[1][0]}x{grid[1][1]}" if grid else ""))
+    if init:  # model.init_from=null: the same recipe from random weights (a scratch baseline)
+        print(f"started from {init.get('from')} ({init.get('checkpoint')}): classifier "
+              f"{init.get('head')}" + (f", position embedding {grid[0]}x{grid[0]} -> "
+                                       f"{grid[1][0]}x{grid[1][1]}" if grid else ""))
+    else:
+        print("started from random weights (model.init_from=null)")
     _print_final([final])
 
 
