@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.errors import shown
+
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -78,7 +80,7 @@ def _listed(name: str, patterns: set[str]) -> bool:
 def validate(cfg: OptimConfig) -> None:
     """Raise a one-line ValueError for impossible settings."""
     if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {shown(cfg.name)}; choose one of {', '.join(OPTIMIZERS)}")
     if not cfg.lr > 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.lr}")
     if cfg.weight_decay < 0:
@@ -95,7 +97,7 @@ def validate(cfg: OptimConfig) -> None:
     from .variants import LOOKSAM_SCOPES, SAM_VARIANTS
 
     if cfg.sam_variant not in SAM_VARIANTS:
-        raise ValueError(f"unknown optim.sam_variant {cfg.sam_variant!r}; choose one of "
+        raise ValueError(f"unknown optim.sam_variant {shown(cfg.sam_variant)}; choose one of "
                          f"{', '.join(SAM_VARIANTS)}")
     if cfg.sam_variant != "full" and not cfg.sam:
         raise ValueError(f"optim.sam_variant={cfg.sam_variant} needs optim.sam=true")
@@ -104,14 +106,14 @@ def validate(cfg: OptimConfig) -> None:
     if not cfg.looksam_alpha >= 0:
         raise ValueError(f"optim.looksam_alpha must be >= 0, got {cfg.looksam_alpha}")
     if cfg.looksam_scope not in LOOKSAM_SCOPES:
-        raise ValueError(f"unknown optim.looksam_scope {cfg.looksam_scope!r}; choose one of "
+        raise ValueError(f"unknown optim.looksam_scope {shown(cfg.looksam_scope)}; choose one of "
                          f"{', '.join(LOOKSAM_SCOPES)}")
     if not 0 <= cfg.sam_prob <= 1:
         raise ValueError(f"optim.sam_prob must be in [0, 1] (the share of SAM steps), got {cfg.sam_prob}")
     if cfg.sam_seed < 0:
         raise ValueError(f"optim.sam_seed must be >= 0, got {cfg.sam_seed}")
     if not is_switch(cfg.fused):
-        raise ValueError(f"optim.fused must be auto, true or false, got {cfg.fused!r}")
+        raise ValueError(f"optim.fused must be auto, true or false, got {shown(cfg.fused)}")
 
 
 def is_switch(value: object) -> bool:
