@@ -234,6 +234,40 @@ def _demo_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
     return cells
 
 
+# Contrastive pre-training (vitsam.pretrain): SimCLR with and without SAM, scored by the
+# linear probe on frozen features (final.json's probe_acc). The cpu scale reuses main's
+# models, data slice (2,000 CIFAR-10 training images) and radii. Measured on this shared
+# 2-core machine (under other users' load), one thread a run, batch 128 (256 views): a step
+# costs about 0.75 s (ResNet), 1.6 s (ViT), 0.5 s (Mixer) plain and 2.6, 2.6, 1.2 s with SAM,
+# so one epoch (15 steps) of all six cells is some 140 s of compute; 15 epochs (225 steps)
+# and the probes (features of 2,000 training and 2,000 test images, L-BFGS: seconds) make
+# about 35 minutes of compute, about 20 minutes of wall time with --workers 2.
+CONTRASTIVE_EPOCHS = 15
+CONTRASTIVE_PROBE_TEST = 2000
+
+
+def _contrastive_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    cells = []
+    for fam in FAMILIES:
+        for sam in (False, True):
+            for s in seeds:
+                c = _cell(fam, "sam" if sam else "vanilla", s, scale)
+                method = "simclr-sam" if sam else "simclr"
+                name = f"{fam}-{method}-s{s}"
+                cfg = c.config
+                pre = replace(cfg.pretrain, objective="simclr")
+                data = replace(cfg.data, augment="none")
+                t = replace(cfg.train, label_smoothing=0.0)
+                if scale == "cpu":
+                    t = replace(t, epochs=CONTRASTIVE_EPOCHS, eval_every_epochs=5,
+                                ckpt_every_epochs=5)
+                    pre = replace(pre, knn_samples=1000, probe_train_samples=None,
+                                  probe_test_samples=CONTRASTIVE_PROBE_TEST)
+                cfg = replace(cfg, name=name, pretrain=pre, data=data, train=t)
+                cells.append(Cell(name, cfg, fam, method, s))
+    return cells
+
+
 def _settings(scale: str) -> StageSettings:
     if scale == "smoke":
         return StageSettings(batches=1, batch_size=16,
@@ -292,6 +326,12 @@ STUDIES: dict[str, Study] = {
                       _settings, reuses="sharpness"),
 
 
+    "contrastive": Study("contrastive", "SimCLR pre-training of {ResNet, ViT, Mixer}, with and "
+                         "without SAM, scored by a linear probe (and kNN) on the frozen "
+                         "features; `vitsam probe` and `vitsam finetune` read the cells",
+                         _contrastive_grid, (), ("probe_acc", "knn_acc", "probe_train_acc",
+                                                 "contrastive_loss", "train_images_per_s"),
+                         _settings),
     "sam-variants": Study("sam-variants", "Cheaper SAM: ViT and Mixer x {vanilla, SAM, LookSAM "
                           "(k=5), SAM-ON (normalisation layers only), SAM on a random fifth of "
                           "the steps}: accuracy, Hessian lambda_max and training images/s against "
