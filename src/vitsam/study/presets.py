@@ -106,6 +106,7 @@ class Study:
     columns: tuple[str, ...]
     settings: Callable[[str], StageSettings] = field(default=lambda scale: StageSettings())
     reuses: str | None = None  # a study whose cells (same name and config) may be reused
+    notes: dict[str, str] = field(default_factory=dict)  # scale -> its own SCALE_NOTES line
 
 
 def _base(family: str, method: str, scale: str) -> RunConfig:
@@ -243,6 +244,11 @@ def _demo_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
 # and the probes (features of 2,000 training and 2,000 test images, L-BFGS: seconds) make
 # about 35 minutes of compute, about 20 minutes of wall time with --workers 2.
 CONTRASTIVE_EPOCHS = 15
+CONTRASTIVE_REASONING = (
+    f"CIFAR-10 at 200 images per class (2,000 unlabelled training images), SimCLR for "
+    f"{CONTRASTIVE_EPOCHS} epochs at batch 128 (256 views), main's cpu-scale models and radii; "
+    "scored by a linear probe fitted on the 2,000 training images' frozen features and tested "
+    "on 2,000 test images; sized to about 35 minutes of compute on 2 cores")
 CONTRASTIVE_PROBE_TEST = 2000
 
 
@@ -331,7 +337,7 @@ STUDIES: dict[str, Study] = {
                          "features; `vitsam probe` and `vitsam finetune` read the cells",
                          _contrastive_grid, (), ("probe_acc", "knn_acc", "probe_train_acc",
                                                  "contrastive_loss", "train_images_per_s"),
-                         _settings),
+                         _settings, notes={"cpu": CONTRASTIVE_REASONING}),
     "sam-variants": Study("sam-variants", "Cheaper SAM: ViT and Mixer x {vanilla, SAM, LookSAM "
                           "(k=5), SAM-ON (normalisation layers only), SAM on a random fifth of "
                           "the steps}: accuracy, Hessian lambda_max and training images/s against "
