@@ -238,17 +238,18 @@ def _demo_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
 # Contrastive pre-training (vitsam.pretrain): SimCLR with and without SAM, scored by the
 # linear probe on frozen features (final.json's probe_acc). The cpu scale reuses main's
 # models, data slice (2,000 CIFAR-10 training images) and radii. Measured on this shared
-# 2-core machine (under other users' load), one thread a run, batch 128 (256 views): a step
-# costs about 0.75 s (ResNet), 1.6 s (ViT), 0.5 s (Mixer) plain and 2.6, 2.6, 1.2 s with SAM,
-# so one epoch (15 steps) of all six cells is some 140 s of compute; 15 epochs (225 steps)
-# and the probes (features of 2,000 training and 2,000 test images, L-BFGS: seconds) make
-# about 35 minutes of compute, about 20 minutes of wall time with --workers 2.
+# 2-core machine (other users' jobs running, load 4-7), one thread a run, batch 128 (256
+# views), `python bench/bench_pretrain_step.py`: a step costs 0.8 s (ResNet), 0.9-1.6 s (ViT),
+# 0.5-0.7 s (Mixer) plain and 2.1-2.6, 1.7-2.6, 1.1-1.2 s with SAM, so one epoch (15 steps)
+# of all six cells is 110-140 s of compute. 15 epochs (225 steps) and the probes (features of
+# 2,000 training and 2,000 test images: 2-5 s a cell, L-BFGS: 0.2-2 s) make 28-35
+# minutes of compute: about 15-20 minutes of wall time with --workers 2 on an idle machine.
 CONTRASTIVE_EPOCHS = 15
 CONTRASTIVE_REASONING = (
     f"CIFAR-10 at 200 images per class (2,000 unlabelled training images), SimCLR for "
     f"{CONTRASTIVE_EPOCHS} epochs at batch 128 (256 views), main's cpu-scale models and radii; "
     "scored by a linear probe fitted on the 2,000 training images' frozen features and tested "
-    "on 2,000 test images; sized to about 35 minutes of compute on 2 cores")
+    "on 2,000 test images; sized to about 30 minutes of compute on 2 cores")
 CONTRASTIVE_PROBE_TEST = 2000
 
 
