@@ -323,6 +323,7 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     del old["model"]["init_from"], old["model"]["init_checkpoint"], old["data"]["resident"]
     for key in ("compile", "compile_mode", "compile_backend", "channels_last"):
         del old["train"][key]
+    del old["pretrain"]  # the pre-training section (vitsam.pretrain), unused at objective none
     assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
     looksam = replace(cfg, optim=replace(cfg.optim, sam=True, sam_variant="looksam"))
     assert stages.fingerprint(looksam) != stages.fingerprint(replace(looksam, optim=replace(
@@ -337,6 +338,12 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
             other.optim, looksam_scope="global")))
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, sync_batchnorm=True))) != fp
     assert stages.fingerprint(replace(cfg, data=replace(cfg.data, label_noise=0.2))) != fp
+    assert stages.fingerprint(replace(cfg, pretrain=replace(cfg.pretrain, temperature=0.1))) == fp
+    simclr = replace(cfg, pretrain=replace(cfg.pretrain, objective="simclr"))
+    assert stages.fingerprint(simclr) != fp
+    assert stages.fingerprint(replace(simclr, pretrain=replace(simclr.pretrain,
+                                                               temperature=0.1))) != \
+        stages.fingerprint(simclr)
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp
 
 

@@ -1,5 +1,5 @@
-"""The ``vitsam`` command line: train, eval, analyze, prune, corrupt, import, finetune, study,
-report, models, presets, demo."""
+"""The ``vitsam`` command line: train, pretrain, probe, eval, analyze, prune, corrupt, import,
+finetune, study, report, models, presets, demo."""
 from __future__ import annotations
 
 import argparse
@@ -143,10 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins() -> list[Callable[[Any], None]]:
     """Sub-commands defined next to the code they drive (eval, analyze, prune, corrupt)."""
     from .commands import register_all
+    from .pretrain.command import add_pretrain, add_probe
     from .report.command import add_report
     from .study.command import add_study
 
-    return [*register_all(), add_study, add_report]
+    return [*register_all(), add_pretrain, add_probe, add_study, add_report]
 
 
 def error_line(exc: BaseException) -> str:

@@ -78,6 +78,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised pre-training (``vitsam pretrain``; ``vitsam.pretrain``). ``objective``
+    none = a supervised run (every key below unused); simclr = SimCLR's NT-Xent on two random
+    views of each image, labels unused for training.
+
+    temperature: NT-Xent's tau. proj_hidden / proj_dim: the projection head's widths (hidden
+    none = the encoder's feature width). crop_min, hflip, jitter, jitter_p, gray_p: the views
+    (``vitsam.pretrain.views``). knn_k, knn_samples: the kNN accuracy logged at eval times (a
+    bank of knn_samples training images, as many test images). probe_train_samples,
+    probe_test_samples (none = all), probe_l2: the linear probe at the end of the run.
+    """
+
+    objective: str = "none"
+    temperature: float = 0.5
+    proj_hidden: int | None = None
+    proj_dim: int = 128
+    crop_min: float = 0.2
+    hflip: bool = True
+    jitter: float = 0.5
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    knn_k: int = 20
+    knn_samples: int = 1000
+    probe_train_samples: int | None = 10000
+    probe_test_samples: int | None = None
+    probe_l2: float = 1e-4
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; saved as ``config.json`` in the run folder."""
 
@@ -88,6 +117,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "runs"
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -344,7 +374,7 @@ def _set(obj: Any, parts: list[str], text: str, full: str) -> Any:
 def validate(cfg: RunConfig) -> None:
     """One-line errors for values that would fail deep inside training (or silently misbehave)."""
     t = cfg.train
-    for section in ("train", "optim"):
+    for section in ("train", "optim", "pretrain"):
         for f in fields(getattr(cfg, section)):
             v = getattr(getattr(cfg, section), f.name)
             if isinstance(v, float) and not math.isfinite(v):
@@ -391,7 +421,7 @@ def validate(cfg: RunConfig) -> None:
         ("/" not in cfg.name and "\\" not in cfg.name and cfg.name not in (".", ".."),
          f"name {cfg.name!r} must be a plain name (no / or ..): it names the run folder in out_dir"),
     ]
-    for ok, msg in checks:
+    for ok, msg in checks + _pretrain_checks(cfg):
         if not ok:
             raise ConfigError(msg)
     check_device(t.device, "train.device")
@@ -406,6 +436,48 @@ def validate(cfg: RunConfig) -> None:
         raise
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _pretrain_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """The checks of a pre-training run (none for a supervised one)."""
+    from .pretrain.simclr import OBJECTIVES
+
+    p, t = cfg.pretrain, cfg.train
+    if p.objective == "none":
+        return []
+    if p.objective not in OBJECTIVES:
+        return [(False, f"pretrain.objective must be none or one of {', '.join(OBJECTIVES)}, "
+                        f"got {p.objective!r}")]
+    why = "NT-Xent compares every image of the batch with every other, so the batch cannot be split"
+    return [
+        (t.micro_batch is None, f"train.micro_batch must be none for pre-training: {why}"),
+        (cfg.optim.m is None, f"optim.m must be none for pre-training (m-sharpness splits the "
+                              f"batch into chunks): {why}"),
+        (t.batch_size >= 2, f"train.batch_size must be >= 2 for pre-training (negatives come "
+                            f"from the other images), got {t.batch_size}"),
+        (t.label_smoothing == 0, "train.label_smoothing must be 0 for pre-training (the targets "
+                                 "are the positive pairs)"),
+        (cfg.data.augment != "strong", "data.augment=strong (Mixup) does not fit pre-training; "
+                                       "the views are augmented by pretrain.* (use none or basic)"),
+        (not cfg.data.label_noise, "data.label_noise does not fit pre-training: it does not "
+                                   "read the training labels"),
+        (cfg.model.init_from is None, "model.init_from is for fine-tuning; pre-training starts "
+                                      "from random weights"),
+        (p.temperature > 0, f"pretrain.temperature must be > 0, got {p.temperature}"),
+        (p.proj_dim >= 1, f"pretrain.proj_dim must be >= 1, got {p.proj_dim}"),
+        (p.proj_hidden is None or p.proj_hidden >= 1,
+         f"pretrain.proj_hidden must be >= 1 or none, got {p.proj_hidden}"),
+        (0 < p.crop_min <= 1, f"pretrain.crop_min must be in (0, 1], got {p.crop_min}"),
+        (p.jitter >= 0, f"pretrain.jitter must be >= 0, got {p.jitter}"),
+        *[(0 <= getattr(p, k) <= 1, f"pretrain.{k} must be a probability in [0, 1], "
+                                    f"got {getattr(p, k)}") for k in ("jitter_p", "gray_p")],
+        (p.knn_k >= 1, f"pretrain.knn_k must be >= 1, got {p.knn_k}"),
+        (p.knn_samples >= 1, f"pretrain.knn_samples must be >= 1, got {p.knn_samples}"),
+        *[(getattr(p, k) is None or getattr(p, k) >= 1, f"pretrain.{k} must be >= 1 or none "
+                                                        f"(all), got {getattr(p, k)}")
+          for k in ("probe_train_samples", "probe_test_samples")],
+        (p.probe_l2 >= 0, f"pretrain.probe_l2 must be >= 0, got {p.probe_l2}"),
+    ]
 
 
 def check_device(name: str, key: str = "--device") -> str:

@@ -23,7 +23,9 @@ _RESULT = {"result!": {"lambda_max": NUM, "loss": NUM}, "settings": {"*": ANY}, 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "final": {"test_acc!": NUM, "train_acc": (NUM, NULL), "params": (NUM, NULL),
               "train_images_per_s": (NUM, NULL), "wall_time_s": (NUM, NULL), "name": STR,
-              "label_noise": {"noisy_memorised": NUM, "noisy_true": NUM, "num_noisy": NUM}},
+              "label_noise": {"noisy_memorised": NUM, "noisy_true": NUM, "num_noisy": NUM},
+              "probe_acc": NUM, "knn_acc": NUM, "contrastive_loss": (NUM, NULL),
+              "probe": {"train_acc": NUM}},
     "analysis": {"*": {"result!": {"*": ANY}},
                  "hessian": {**_RESULT, "result!": {
                      **_RESULT["result!"],

@@ -23,8 +23,17 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Rebuild a (randomly initialised) model of exactly the shapes a checkpoint describes.
 
     ``spec["mlp_hidden"]`` (written for pruned models) resizes the named MLPs before the
-    weights are loaded.
+    weights are loaded. ``spec["contrastive"]`` (pre-training runs) builds the model without
+    its classifier inside ``vitsam.pretrain.simclr.ContrastiveNet``.
     """
+    if spec.get("contrastive"):
+        from ..pretrain.objective import build_model
+
+        try:
+            return build_model(spec)
+        except KeyError as exc:
+            raise ModelError(f"model spec lacks {exc}; the checkpoint's state.json is "
+                             "incomplete") from None
     try:
         model = create_model(spec["name"], num_classes=spec["num_classes"],
                              img_size=spec["img_size"], in_chans=spec["in_chans"],

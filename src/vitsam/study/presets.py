@@ -112,6 +112,7 @@ class Study:
     columns: tuple[str, ...]
     settings: Callable[[str], StageSettings] = field(default=lambda scale: StageSettings())
     reuses: str | None = None  # a study whose cells (same name and config) may be reused
+    notes: dict[str, str] = field(default_factory=dict)  # scale -> its own SCALE_NOTES line
 
 
 def _base(family: str, method: str, scale: str) -> RunConfig:
@@ -240,6 +241,46 @@ def _demo_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
     return cells
 
 
+# Contrastive pre-training (vitsam.pretrain): SimCLR with and without SAM, scored by the
+# linear probe on frozen features (final.json's probe_acc). The cpu scale reuses main's
+# models, data slice (2,000 CIFAR-10 training images) and radii. Measured on this shared
+# 2-core machine (other users' jobs running, load 4-7), one thread a run, batch 128 (256
+# views), `python bench/bench_pretrain_step.py`: a step costs 0.8 s (ResNet), 0.9-1.6 s (ViT),
+# 0.5-0.7 s (Mixer) plain and 2.1-2.6, 1.7-2.6, 1.1-1.2 s with SAM, so one epoch (15 steps)
+# of all six cells is 110-140 s of compute. 15 epochs (225 steps) and the probes (features of
+# 2,000 training and 2,000 test images: 2-5 s a cell, L-BFGS: 0.2-2 s) make 28-35
+# minutes of compute: about 15-20 minutes of wall time with --workers 2 on an idle machine.
+CONTRASTIVE_EPOCHS = 15
+CONTRASTIVE_REASONING = (
+    f"CIFAR-10 at 200 images per class (2,000 unlabelled training images), SimCLR for "
+    f"{CONTRASTIVE_EPOCHS} epochs at batch 128 (256 views), main's cpu-scale models and radii; "
+    "scored by a linear probe fitted on the 2,000 training images' frozen features and tested "
+    "on 2,000 test images; sized to about 30 minutes of compute on 2 cores")
+CONTRASTIVE_PROBE_TEST = 2000
+
+
+def _contrastive_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    cells = []
+    for fam in FAMILIES:
+        for sam in (False, True):
+            for s in seeds:
+                c = _cell(fam, "sam" if sam else "vanilla", s, scale)
+                method = "simclr-sam" if sam else "simclr"
+                name = f"{fam}-{method}-s{s}"
+                cfg = c.config
+                pre = replace(cfg.pretrain, objective="simclr")
+                data = replace(cfg.data, augment="none")
+                t = replace(cfg.train, label_smoothing=0.0)
+                if scale == "cpu":
+                    t = replace(t, epochs=CONTRASTIVE_EPOCHS, eval_every_epochs=5,
+                                ckpt_every_epochs=5)
+                    pre = replace(pre, knn_samples=1000, probe_train_samples=None,
+                                  probe_test_samples=CONTRASTIVE_PROBE_TEST)
+                cfg = replace(cfg, name=name, pretrain=pre, data=data, train=t)
+                cells.append(Cell(name, cfg, fam, method, s))
+    return cells
+
+
 def _settings(scale: str) -> StageSettings:
     if scale == "smoke":
         return StageSettings(batches=1, batch_size=16,
@@ -305,6 +346,13 @@ STUDIES: dict[str, Study] = {
                       _sharpness_grid, ("transfer",), ("test_acc", "lambda_max_last", "transfer_acc",
                                                        "transfer_train_acc"),
                       _settings, reuses="sharpness"),
+
+    "contrastive": Study("contrastive", "SimCLR pre-training of {ResNet, ViT, Mixer}, with and "
+                         "without SAM, scored by a linear probe (and kNN) on the frozen "
+                         "features; `vitsam probe` and `vitsam finetune` read the cells",
+                         _contrastive_grid, (), ("probe_acc", "knn_acc", "probe_train_acc",
+                                                 "contrastive_loss", "train_images_per_s"),
+                         _settings, notes={"cpu": CONTRASTIVE_REASONING}),
     "sam-variants": Study("sam-variants", "Cheaper SAM: ViT and Mixer x {vanilla, SAM, LookSAM "
                           "(k=5), SAM-ON (normalisation layers only), SAM on a random fifth of "
                           "the steps}: accuracy, Hessian lambda_max and training images/s against "

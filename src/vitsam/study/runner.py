@@ -111,8 +111,9 @@ def _run(study: Study, scale: str, out: Path, cells: list[Cell], configs: dict[s
     """``run_study`` in the study folder ``out`` it holds."""
     settings = study.settings(scale)
     threads = max(1, (os.cpu_count() or 1) // workers)
+    notes = study.notes.get(scale) or SCALE_NOTES[scale]
     record: dict[str, Any] = {"study": study.name, "description": study.description,
-                              "scale": scale, "scale_notes": SCALE_NOTES[scale],
+                              "scale": scale, "scale_notes": notes,
                               "seeds": list(seeds), "workers": workers,
                               "overrides": list(overrides), "data": data, "root": root,
                               "command": command, "stages": list(study.stages),

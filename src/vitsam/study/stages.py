@@ -48,9 +48,10 @@ def fingerprint(cfg: RunConfig) -> str:
     a finished run is the same either way, and cells trained before those settings existed
     still match). A setting added later with a default that trains as before
     (``train.sync_batchnorm=false``, ``data.label_noise=0``, ``model.init_from=null``; the
-    cheaper SAM keys while ``optim.sam_variant=full``, ``optim.looksam_scope`` off LookSAM) is
-    left out at that default, for the same reason. LookSAM cells do keep ``looksam_scope``:
-    those trained before it existed used the global scope and must not be reused."""
+    cheaper SAM keys while ``optim.sam_variant=full``, ``optim.looksam_scope`` off LookSAM; the
+    ``pretrain`` section while ``pretrain.objective=none``) is left out at that default, for the
+    same reason. LookSAM cells do keep ``looksam_scope``: those trained before it existed used
+    the global scope and must not be reused."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
     d["data"].pop("bad_files", None)
@@ -67,6 +68,8 @@ def fingerprint(cfg: RunConfig) -> str:
     if d["model"].get("init_from") is None and d["model"].get("init_checkpoint") == "last":
         d["model"].pop("init_from", None)
         d["model"].pop("init_checkpoint", None)
+    if d.get("pretrain", {}).get("objective", "none") == "none":  # a supervised run: unused
+        d.pop("pretrain", None)
     # Speed settings (vitsam.train.fastpath) at their defaults, likewise.
     for section, key, default in FAST_PATH_DEFAULTS:
         value = d[section].get(key, default)

@@ -40,12 +40,18 @@ COLUMNS: dict[str, tuple[str, str, bool | None]] = {
     "trajectory_explained": ("path on top-2 PCs %", "{:.1f}", None),
     "transfer_acc": ("transfer test acc %", "{:.2f}", True),
     "transfer_train_acc": ("transfer train acc %", "{:.2f}", None),
+    "probe_acc": ("linear-probe acc %", "{:.2f}", True),
+    "knn_acc": ("kNN acc %", "{:.2f}", True),
+    "probe_train_acc": ("probe train acc %", "{:.2f}", None),
+    "contrastive_loss": ("NT-Xent loss (last log)", "{:.3f}", None),
 }
 # method -> the method its difference row compares it with
-BASELINES = {"sam": "vanilla", "sam-aug": "aug", "looksam": "sam", "sam-on": "sam", "random": "sam"}
+BASELINES = {"sam": "vanilla", "sam-aug": "aug", "looksam": "sam", "sam-on": "sam", "random": "sam",
+             "simclr-sam": "simclr"}
 SCALE = {"params": 1e-6, "test_acc": 100.0, "train_acc": 100.0, "corrupt_acc": 100.0,
          "trajectory_explained": 100.0, "noisy_memorised": 100.0, "noisy_true": 100.0,
-         "transfer_acc": 100.0, "transfer_train_acc": 100.0}
+         "transfer_acc": 100.0, "transfer_train_acc": 100.0,
+         "probe_acc": 100.0, "knn_acc": 100.0, "probe_train_acc": 100.0}
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -80,6 +86,11 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
         "corrupt_acc": _get(ev, "corruptions", "mean_corruption_accuracy"),
         "noisy_memorised": _get(final, "label_noise", "noisy_memorised"),
         "noisy_true": _get(final, "label_noise", "noisy_true"),
+        # pre-training runs (vitsam.pretrain): the linear probe's and kNN's test accuracy
+        "probe_acc": final.get("probe_acc"),
+        "knn_acc": final.get("knn_acc"),
+        "probe_train_acc": _get(final, "probe", "train_acc"),
+        "contrastive_loss": final.get("contrastive_loss"),
     }
     kinds = _get(ana, "sparsity", "result", "layers") or {}
     if kinds:

@@ -439,8 +439,14 @@ class LoadedRun:
                        img_size=int(self.model_spec["img_size"]))
 
 
-def load_run(run_dir: str | Path, which: str = "last", device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild a run's model from its folder alone."""
+def load_run(run_dir: str | Path, which: str = "last", device: str | torch.device = "cpu",
+             classifier: bool = True) -> LoadedRun:
+    """Rebuild a run's model from its folder alone.
+
+    A pre-training run's model (``model_spec["contrastive"]``) has no classifier: every command
+    that needs one (evaluation, the analyses, pruning) gets a one-line error saying what to do
+    instead; ``classifier=False`` (fine-tuning, probes) loads it.
+    """
     from ..models import build_from_spec
 
     ckpt = resolve_checkpoint(run_dir, which)
@@ -449,6 +455,12 @@ def load_run(run_dir: str | Path, which: str = "last", device: str | torch.devic
     if not isinstance(spec, dict):
         raise CheckpointError(f"{ckpt / 'state.json'} has no model spec; restore it or train the "
                               "run again")
+    if classifier and isinstance(spec.get("contrastive"), dict):
+        what = spec["contrastive"].get("objective", "contrastive")
+        raise CheckpointError(f"{run_dir} is a {what} pre-training run: its model has no "
+                              f"classifier, which this needs; `vitsam probe {run_dir}` measures "
+                              f"its features, `vitsam finetune {run_dir} --data ... --out ...` "
+                              "gives it a classifier (then analyse that run)")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{ckpt / 'state.json'} has no config; restore it or train the run again")
     _check_weights(ckpt, spec, weights)  # on the meta device: nothing allocated for a bad spec

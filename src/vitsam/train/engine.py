@@ -5,6 +5,10 @@ steps once, in ``Timeline``; logging, evaluation and checkpoints are gated by ``
 Each log record holds the means over the steps since the previous record, the learning rate
 the last of them used, and images/s over training time only (steps and input pipeline; not
 logging, checkpoint writing or evaluation).
+
+A pre-training run (``pretrain.objective``, ``vitsam pretrain``) is this loop with the hooks of
+``vitsam.pretrain.objective.Pretraining``: its model, its two-view batches, kNN accuracy at
+eval times and a linear probe at the end.
 """
 from __future__ import annotations
 
@@ -238,6 +242,7 @@ class Trainer:
     last_eval: tuple[int, dict[str, float]] | None = None  # (step, test metrics) of the last evaluation
     init: dict[str, Any] | None = None  # what model.init_from carried over (finetune.py)
     channels_last: bool = False  # model and inputs in NHWC order (vitsam.train.fastpath)
+    pretrain: Any = None  # the hooks of a pre-training run (vitsam.pretrain.objective)
 
     @classmethod
     def build(cls, cfg: RunConfig, group: Group | None = None) -> "Trainer":
@@ -255,8 +260,14 @@ class Trainer:
         torch.manual_seed(t.seed)
         spec = make_spec(cfg.model.name, bundle.num_classes, bundle.img_size, bundle.in_chans,
                          dict(cfg.model.kwargs))
-        init = None
-        if cfg.model.init_from:  # fine-tuning: the source run's weights, adapted to this data
+        init, pre = None, None
+        if cfg.pretrain.objective != "none":  # the encoder and projection head (vitsam.pretrain)
+            from ..pretrain.objective import Pretraining
+
+            pre = Pretraining.create(cfg, bundle.hflip, group.rank)
+            spec = pre.spec(spec)
+            model = pre.model(spec, device)
+        elif cfg.model.init_from:  # fine-tuning: the source run's weights, adapted to this data
             from .finetune import initialised_model
 
             spec, model, init = initialised_model(cfg.model, spec, list(bundle.classes))
@@ -264,7 +275,9 @@ class Trainer:
         else:
             model = create_model(spec["name"], spec["num_classes"], spec["img_size"],
                                  spec["in_chans"], **spec["kwargs"]).to(device)
-        check_forward(model, spec["name"], spec["num_classes"], spec["img_size"], spec["in_chans"])
+        if pre is None:
+            check_forward(model, spec["name"], spec["num_classes"], spec["img_size"],
+                          spec["in_chans"])
         model = group.batchnorm(model, t.sync_batchnorm, device)
         nhwc = use_channels_last(t.channels_last, model_family(spec["name"]), device)
         if nhwc:
@@ -281,7 +294,7 @@ class Trainer:
         net = group.wrap(compile_model(model, t) if t.compile else model, device)
         return cls(cfg, bundle, timeline, spec, model, optimizer, scheduler, scaler,
                    nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), step_cfg, device,
-                   group, net, init=init, channels_last=nhwc)
+                   group, net, init=init, channels_last=nhwc, pretrain=pre)
 
     def test_batches(self, split: Any = None) -> Any:
         b = self.bundle
@@ -375,7 +388,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: str | Path | None,
                        enabled=main)
     t0 = time.perf_counter() - wall_before
     if resume is not None and step > 0 and is_time(step, tl.eval_every, tl.total_steps) and \
-            not group.agree(main and any(r.get("step") == step and "test_acc" in r
+            not group.agree(main and any(r.get("step") == step and EVAL_KEYS & set(r)
                                          for r in read_jsonl(metrics_path))):
         _evaluate_into(metrics_path, tr, step)  # interrupted between checkpoint and evaluation
     bar = progress_bar(total=tl.total_steps, initial=step, disable=not progress, unit="step",
@@ -413,6 +426,8 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
                                   seed=cfg.train.seed, device=tr.device, start_batch=skip,
                                   shard=(tr.group.rank, tr.group.world)):
             bad.before_step(tr, meter)
+            if tr.pretrain is not None:  # N images -> their 2N views and the positive pairs
+                x, y = tr.pretrain.batch(x, y, step, tr.bundle)
             if tr.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out = train_step(tr.net, tr.criterion, x, y, tr.optimizer, tr.scheduler, tr.scaler,
@@ -444,9 +459,17 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
     return step
 
 
+EVAL_KEYS = {"test_acc", "knn_acc"}  # what an evaluation record holds (supervised, pre-training)
+
+
 def _evaluate_into(metrics_path: Path, tr: Trainer, step: int) -> None:
-    """Test loss and accuracy at ``step``, appended to the metrics log."""
+    """Test loss and accuracy at ``step`` (pre-training: kNN accuracy), appended to the log."""
     faults.point("eval")
+    if tr.pretrain is not None:
+        rec = tr.pretrain.evaluate(tr)
+        tr.last_eval = (step, rec)
+        tr.log.write({"step": step, "epoch": step / tr.timeline.steps_per_epoch, **rec})
+        return
     ev = tr.evaluate()
     tr.last_eval = (step, ev)
     tr.log.write({"step": step, "epoch": step / tr.timeline.steps_per_epoch,
@@ -544,17 +567,23 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
     """Final test and clean train accuracy, throughput, and ``final.json``."""
     cfg = tr.cfg
     faults.point("finish")
-    # The loop's evaluation at the last step saw these very weights: not a second pass.
-    test = tr.last_eval[1] if tr.last_eval and tr.last_eval[0] == step else tr.evaluate()
-    train_acc = tr.evaluate(random_subset(tr.bundle.train, cfg.train.train_eval_samples,
-                                          cfg.train.seed))
+    if tr.pretrain is not None:  # the linear probe's accuracies, kNN's (vitsam.pretrain)
+        scores = tr.pretrain.final(tr)
+    else:
+        # The loop's evaluation at the last step saw these very weights: not a second pass.
+        test = tr.last_eval[1] if tr.last_eval and tr.last_eval[0] == step else tr.evaluate()
+        train_acc = tr.evaluate(random_subset(tr.bundle.train, cfg.train.train_eval_samples,
+                                              cfg.train.seed))
+        scores = {"test_acc": test["top1"], "test_top5": test["top5"], "test_loss": test["nll"],
+                  "test_ece": test["ece"], "train_acc": train_acc["top1"]}
     records = list(read_jsonl(metrics_path)) if tr.group.is_main else []
+    if tr.pretrain is not None:  # the NT-Xent loss of the last log interval
+        losses = [r["loss"] for r in records if "loss" in r]
+        scores["contrastive_loss"] = losses[-1] if losses else None
     final = {"run_dir": str(run_dir), "name": cfg.name, "model": cfg.model.name,
              "params": count_params(tr.model), "sam": cfg.optim.sam, "rho": cfg.optim.rho,
              **({"sam_variant": cfg.optim.sam_variant} if cfg.optim.sam else {}),
-             "steps": step, "epochs": step / tr.timeline.steps_per_epoch,
-             "test_acc": test["top1"], "test_top5": test["top5"], "test_loss": test["nll"],
-             "test_ece": test["ece"], "train_acc": train_acc["top1"],
+             "steps": step, "epochs": step / tr.timeline.steps_per_epoch, **scores,
              "wall_time_s": wall,
              "train_images_per_s": overall_rate(records), **step_counts(records),
              "device": str(tr.device), "processes": tr.group.world}

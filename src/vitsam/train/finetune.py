@@ -61,19 +61,26 @@ def initialised_model(mcfg: ModelConfig, spec: dict[str, Any],
     the weights of ``mcfg.init_from`` carried in. A pruned source's MLP widths are kept
     (``spec["mlp_hidden"]``). The classifier is kept only when the source's recorded classes
     equal ``classes`` (same order) and so its class count."""
-    src = load_run(mcfg.init_from, mcfg.init_checkpoint)
+    src = load_run(mcfg.init_from, mcfg.init_checkpoint, classifier=False)
     if src.model_spec.get("mlp_hidden"):
         spec = {**spec, "mlp_hidden": dict(src.model_spec["mlp_hidden"])}
     model = build_from_spec(spec)
     rec = load_data_record(src.run_dir)
     src_classes = rec.get("classes") if rec is not None else None
-    keep = (isinstance(src_classes, list) and [str(c) for c in src_classes] == list(classes)
+    # A pre-training run's encoder (``vitsam.pretrain``) has no classifier: always a new one,
+    # and its projection head is left behind.
+    pretrained = isinstance(src.model_spec.get("contrastive"), dict)
+    source = src.model.encoder if pretrained else src.model
+    keep = (not pretrained and isinstance(src_classes, list)
+            and [str(c) for c in src_classes] == list(classes)
             and int(src.model_spec["num_classes"]) == int(spec["num_classes"]))
     try:
-        report = transfer_weights(src.model, model, keep_head=keep)
+        report = transfer_weights(source, model, keep_head=keep)
     except TransferError as exc:
         raise TransferError(f"model.init_from {mcfg.init_from} ({src.checkpoint.name}): "
                             f"{exc}") from None
     report = {"from": str(mcfg.init_from), "checkpoint": src.checkpoint.name,
               "source_model": src.model_spec["name"], **report}
+    if pretrained:
+        report["source_objective"] = src.model_spec["contrastive"].get("objective")
     return spec, model, report
