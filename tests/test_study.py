@@ -289,7 +289,8 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     for key in ("sam_variant", "looksam_k", "looksam_alpha", "sam_prob", "sam_seed", "fused"):
         del old["optim"][key]
     del old["model"]["init_from"], old["model"]["init_checkpoint"], old["data"]["resident"]
-    for key in ("compile", "compile_mode", "compile_backend", "channels_last"):
+    for key in ("compile", "compile_mode", "compile_backend", "channels_last", "adversarial",
+                "adv_eps", "adv_steps", "adv_step_size"):
         del old["train"][key]
     assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
     looksam = replace(cfg, optim=replace(cfg.optim, sam=True, sam_variant="looksam"))
@@ -298,6 +299,10 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     assert stages.fingerprint(replace(cfg, optim=replace(cfg.optim, looksam_k=3))) == fp  # unused
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, sync_batchnorm=True))) != fp
     assert stages.fingerprint(replace(cfg, data=replace(cfg.data, label_noise=0.2))) != fp
+    assert stages.fingerprint(replace(cfg, train=replace(cfg.train, adv_eps=0.1))) == fp  # unused
+    at = replace(cfg, train=replace(cfg.train, adversarial="fgsm"))
+    assert stages.fingerprint(at) != fp
+    assert stages.fingerprint(replace(at, train=replace(at.train, adv_eps=0.1))) != stages.fingerprint(at)
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp
 
 

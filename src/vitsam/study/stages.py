@@ -16,6 +16,7 @@ Stages:
     sharpness    lambda_max at every saved checkpoint, next to SAM's logged sharpness
     blocks       lambda_max and trace of the Hessian restricted to each block (and of all of it)
     trajectory   the checkpoints' path on its top-2 principal directions over the loss surface
+    robust       clean and PGD robust test accuracy at the cell's training radius (eval.json)
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ FAST_PATH_DEFAULTS = (("train", "compile", False), ("train", "compile_mode", Non
                       ("train", "compile_backend", "inductor"), ("train", "channels_last", "auto"),
                       ("optim", "fused", "auto"), ("data", "resident", "auto"))
 STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness",
-          "blocks", "trajectory")
+          "blocks", "trajectory", "robust")
+_ADV_KEYS = ("adversarial", "adv_eps", "adv_steps", "adv_step_size")
 MARKER = "cell.json"
 _VARIANT_KEYS = ("sam_variant", "looksam_k", "looksam_alpha", "sam_prob", "sam_seed")
 
@@ -47,8 +49,8 @@ def fingerprint(cfg: RunConfig) -> str:
     a finished run is the same either way, and cells trained before those settings existed
     still match). A setting added later with a default that trains as before
     (``train.sync_batchnorm=false``, ``data.label_noise=0``, ``model.init_from=null``; the
-    cheaper SAM keys while ``optim.sam_variant=full``) is left out at that default, for the
-    same reason."""
+    cheaper SAM keys while ``optim.sam_variant=full``; the adversarial keys while
+    ``train.adversarial=none``) is left out at that default, for the same reason."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
     d["data"].pop("bad_files", None)
@@ -60,6 +62,9 @@ def fingerprint(cfg: RunConfig) -> str:
     if d["optim"].get("sam_variant", "full") == "full":  # then the variants' keys change nothing
         for key in _VARIANT_KEYS:
             d["optim"].pop(key, None)
+    if d["train"].get("adversarial", "none") == "none":  # then the attack's keys change nothing
+        for key in _ADV_KEYS:
+            d["train"].pop(key, None)
     if d["model"].get("init_from") is None and d["model"].get("init_checkpoint") == "last":
         d["model"].pop("init_from", None)
         d["model"].pop("init_checkpoint", None)
@@ -236,6 +241,18 @@ def _sharpness(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) 
                                                     "settings": list(settings.hessian)})
 
 
+def _robust(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
+    """Clean and PGD robust accuracy at the radius the cell trained with -> eval.json."""
+    from ..eval.runner import EvalRequest, evaluate_run
+
+    train = read_json(cell_dir / "config.json", "run config")["train"]
+    eps = float(train.get("adv_eps", 8 / 255)) if train.get("adversarial", "none") != "none" else 8 / 255
+    evaluate_run(cell_dir, EvalRequest(batch_size=256, attack="pgd", attack_eps=eps,
+                                       attack_steps=settings.attack_steps,
+                                       attack_restarts=settings.attack_restarts,
+                                       attack_samples=settings.attack_samples), progress=False)
+
+
 STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity"),
                "attention": _simple("attention"), "landscape": _simple("landscape", "landscape"),
                "corruptions": _corruptions,
@@ -243,4 +260,5 @@ STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity")
                # The per-block Hessian is the hessian analysis with per_block=true: its result
                # (whole-model lambda_max and trace beside the blocks') is saved as "hessian".
                "blocks": _simple("hessian", "blocks"),
-               "trajectory": _simple("trajectory", "trajectory")}
+               "trajectory": _simple("trajectory", "trajectory"),
+               "robust": _robust}

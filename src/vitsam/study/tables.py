@@ -38,11 +38,16 @@ COLUMNS: dict[str, tuple[str, str, bool | None]] = {
     "noisy_true": ("noisy samples, true class %", "{:.1f}", True),
     "block_lambda_max": ("largest block lambda_max", "{:.4g}", False),
     "trajectory_explained": ("path on top-2 PCs %", "{:.1f}", None),
+    "robust_acc": ("PGD robust acc %", "{:.2f}", True),
+    "robust_clean_acc": ("clean acc, attacked images %", "{:.2f}", True),
+    "adv_train_acc": ("adversarial train acc %", "{:.2f}", None),
 }
 # method -> the method its difference row compares it with
-BASELINES = {"sam": "vanilla", "sam-aug": "aug", "looksam": "sam", "sam-on": "sam", "random": "sam"}
+BASELINES = {"sam": "vanilla", "sam-aug": "aug", "looksam": "sam", "sam-on": "sam", "random": "sam",
+             "sam-at": "at"}
 SCALE = {"params": 1e-6, "test_acc": 100.0, "train_acc": 100.0, "corrupt_acc": 100.0,
-         "trajectory_explained": 100.0, "noisy_memorised": 100.0, "noisy_true": 100.0}
+         "trajectory_explained": 100.0, "noisy_memorised": 100.0, "noisy_true": 100.0,
+         "robust_acc": 100.0, "robust_clean_acc": 100.0, "adv_train_acc": 100.0}
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -77,6 +82,9 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
         "corrupt_acc": _get(ev, "corruptions", "mean_corruption_accuracy"),
         "noisy_memorised": _get(final, "label_noise", "noisy_memorised"),
         "noisy_true": _get(final, "label_noise", "noisy_true"),
+        "robust_acc": _get(ev, "attack_pgd", "robust_acc"),
+        "robust_clean_acc": _get(ev, "attack_pgd", "clean_acc"),
+        "adv_train_acc": _get(final, "adversarial", "train_adv_acc"),
     }
     kinds = _get(ana, "sparsity", "result", "layers") or {}
     if kinds:
