@@ -203,6 +203,22 @@ def test_at_at_eps_zero_trains_exactly_as_without_an_attack():
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_attack_under_bf16_autocast_and_micro_batches_trains_and_stays_in_the_ball():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(36, 2))
+    x, y = _batch(8)
+    atk = _pgd(0.05, steps=2)
+    adv = atk.perturb(model, nn.CrossEntropyLoss(), x, y, micro_batch=4,
+                      autocast_dtype=torch.bfloat16)
+    assert adv.dtype == x.dtype and (_pixels(adv) - _pixels(x)).abs().max() <= 0.05 + 1e-6
+    assert (_pixels(adv) - _pixels(x)).abs().max() > 0.04
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    out = train_step(model, nn.CrossEntropyLoss(), x, y, opt, cfg=StepConfig(
+        attack=atk, micro_batch=4, autocast_dtype=torch.bfloat16))
+    assert out["skipped"] == 0.0 and out["perturbed"] == 1.0
+
+
 def test_a_nonfinite_attack_gradient_skips_the_step():
     model = _linear()
     x, y = _batch(4)

@@ -235,6 +235,12 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _brief(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters (a hostile config.json may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _unknown(key: str, names: set[str], prefix: str) -> str:
     leaf = key[len(prefix):]
     close = difflib.get_close_matches(leaf, sorted(names), n=3)
@@ -404,9 +410,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.optim.m is None or cfg.optim.sam,
          f"optim.m={cfg.optim.m} (m-sharpness) needs SAM; set optim.sam=true or optim.m=none"),
         (cfg.optim.sam or cfg.optim.rho >= 0, f"optim.rho must be >= 0, got {cfg.optim.rho}"),
-        (t.decay in DECAYS, f"train.decay must be one of {', '.join(DECAYS)}, got {t.decay!r}"),
+        (t.decay in DECAYS, f"train.decay must be one of {', '.join(DECAYS)}, got {_brief(t.decay)}"),
         (t.adversarial in ATTACKS,
-         f"train.adversarial must be one of {', '.join(ATTACKS)}, got {t.adversarial!r}"),
+         f"train.adversarial must be one of {', '.join(ATTACKS)}, got {_brief(t.adversarial)}"),
         (0 <= t.adv_eps <= 1,
          f"train.adv_eps must be in [0, 1] (pixel units of [0, 1] images, e.g. 0.0314 for 8/255), "
          f"got {t.adv_eps}"),

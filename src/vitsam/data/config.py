@@ -56,26 +56,30 @@ class DataConfig:
     resident: bool | str = "auto"
 
     def __post_init__(self) -> None:
+        def _r(v: object) -> str:  # a value as typed, cut short: a hostile config holds megabytes
+            text = repr(v)
+            return text if len(text) <= 60 else text[:57] + "..."
+
         if self.source not in SOURCES:
-            raise DataError(f"unknown data source {self.source!r}; choose one of {', '.join(SOURCES)}")
+            raise DataError(f"unknown data source {_r(self.source)}; choose one of {', '.join(SOURCES)}")
         if self.augment not in AUGMENTS:
-            raise DataError(f"unknown augment {self.augment!r}; choose one of {', '.join(AUGMENTS)}")
+            raise DataError(f"unknown augment {_r(self.augment)}; choose one of {', '.join(AUGMENTS)}")
         if not (0.0 < float(self.train_fraction) <= 1.0):
             raise DataError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 1):
-            raise DataError(f"img_size must be a positive integer or None, got {self.img_size!r}")
+            raise DataError(f"img_size must be a positive integer or None, got {_r(self.img_size)}")
         if not isinstance(self.workers, int) or self.workers < 0:
-            raise DataError(f"workers must be a non-negative integer, got {self.workers!r}")
+            raise DataError(f"workers must be a non-negative integer, got {_r(self.workers)}")
         if self.bad_files not in BAD_FILES:
-            raise DataError(f"bad_files must be one of {', '.join(BAD_FILES)}, got {self.bad_files!r}")
+            raise DataError(f"bad_files must be one of {', '.join(BAD_FILES)}, got {_r(self.bad_files)}")
         if isinstance(self.label_noise, bool) or not isinstance(self.label_noise, (int, float)) \
                 or not 0.0 <= self.label_noise < 1.0:
-            raise DataError(f"label_noise must be a number in [0, 1), got {self.label_noise!r}")
+            raise DataError(f"label_noise must be a number in [0, 1), got {_r(self.label_noise)}")
         if self.label_noise_kind not in ("symmetric", "pair"):
             raise DataError("label_noise_kind must be one of symmetric, pair, got "
-                            f"{self.label_noise_kind!r}")
+                            f"{_r(self.label_noise_kind)}")
         if not (self.resident is True or self.resident is False or self.resident == "auto"):
-            raise DataError(f"resident must be auto, true or false, got {self.resident!r}")
+            raise DataError(f"resident must be auto, true or false, got {_r(self.resident)}")
         check_split_name(self.val_split)
 
 

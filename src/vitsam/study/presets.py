@@ -223,13 +223,17 @@ def _variants_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
 # SAM), robust accuracy under PGD at the training radius. MNIST-like digits take the radius 0.1
 # (the usual 0.3 is beyond models this small trained this briefly); CIFAR-10 the usual 8/255.
 ADV_EPS = {"smoke": 0.1, "cpu": 8 / 255, "gpu": 8 / 255, "paper": 4 / 255}
-# cpu scale: 30 minutes on 2 cores for all six cells (two at a time, one thread each) and their
-# PGD evaluations. Measured (1 thread, batch 128, CIFAR-10 32 px): a FGSM-RS step of the cpu
-# ViT costs 0.45 s, with SAM 0.66 s; the Mixer 0.27 / 0.39 s; the ResNet 0.28 / 0.41 s. Main's
-# 60 epochs of 2,000 images would take 10-20 minutes a cell, so these cells train 1,000 images
-# (100 per class) for 30 epochs (210 steps: 1.5-2.5 minutes a cell), then PGD-10 on 500 test
-# images. AT needs more data than that to reach a meaningful robustness: the numbers compare
-# AT and SAM+AT at a tiny budget, not the literature's CIFAR-10 robust accuracies.
+# cpu scale: about 30 minutes on this 2-core machine for all six cells and their PGD
+# evaluations. Measured (bench/bench_adversarial.py --quick, one
+# thread, batch 128, the machine shared, load 6-8; docs/benchmarks.md), CPU ms per step
+# vanilla / AT / SAM+AT: ViT 335 / 660 / 1058, Mixer 238 / 429 / 587, ResNet 285 / 520 / 755
+# (wall ms about twice that under that load). Main's 60 epochs of 2,000 images (900 steps)
+# would cost 6-33 minutes a cell, so these cells train 1,000 images (100 per class) for 30
+# epochs: 210 steps, 1.5-8 minutes a cell, about 14 minutes of steps in CPU time for the six
+# (26 at the measured wall times) plus about a minute a cell besides (measured, same load:
+# the final evaluation on the 10,000 test images 8-43 s, PGD-10 on 500 of them 11 s): about 32
+# minutes one cell at a time under that load; ``--workers 2`` roughly halves it. At this budget AT reaches little robustness: the numbers compare AT and SAM+AT at a
+# tiny budget, not the literature's CIFAR-10 robust accuracies.
 ADV_CPU = {"images": 1000, "epochs": 30}
 
 
