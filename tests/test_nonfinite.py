@@ -222,10 +222,10 @@ def test_nonfinite_steps_are_counted_and_the_run_equals_one_without_those_batche
 
     calls = {"n": 0}
 
-    def leave_out(model, criterion, x, y, optimizer, scheduler, scaler, step_cfg):
+    def leave_out(model, criterion, x, y, optimizer, scheduler, scaler, step_cfg, **kw):
         calls["n"] += 1
         if calls["n"] not in (3, 8):
-            return real(model, criterion, x, y, optimizer, scheduler, scaler, step_cfg)
+            return real(model, criterion, x, y, optimizer, scheduler, scaler, step_cfg, **kw)
         lr = scheduler.get_last_lr()[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

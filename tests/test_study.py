@@ -321,7 +321,8 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
                 "fused"):
         del old["optim"][key]
     del old["model"]["init_from"], old["model"]["init_checkpoint"], old["data"]["resident"]
-    for key in ("compile", "compile_mode", "compile_backend", "channels_last"):
+    for key in ("compile", "compile_mode", "compile_backend", "channels_last", "adversarial",
+                "adv_eps", "adv_steps", "adv_step_size"):
         del old["train"][key]
     del old["pretrain"]  # the pre-training section (vitsam.pretrain), unused at objective none
     assert hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16] == fp
@@ -344,6 +345,10 @@ def test_cell_fingerprint_ignores_settings_that_leave_a_finished_run_unchanged()
     assert stages.fingerprint(replace(simclr, pretrain=replace(simclr.pretrain,
                                                                temperature=0.1))) != \
         stages.fingerprint(simclr)
+    assert stages.fingerprint(replace(cfg, train=replace(cfg.train, adv_eps=0.1))) == fp  # unused
+    at = replace(cfg, train=replace(cfg.train, adversarial="fgsm"))
+    assert stages.fingerprint(at) != fp
+    assert stages.fingerprint(replace(at, train=replace(at.train, adv_eps=0.1))) != stages.fingerprint(at)
     assert stages.fingerprint(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + 1))) != fp
 
 

@@ -153,12 +153,34 @@ def _add_eval(sub: Any) -> None:
                         "cannot be decoded: stop naming them all (error), or leave them out and "
                         "count them (skip); default: the run's data.bad_files")
     s.add_argument("--throughput", action="store_true", help="inference and training images/s")
+    s.add_argument("--attack", choices=("pgd", "autoattack"),
+                   help="robust accuracy under an L-inf attack, beside clean accuracy on the same "
+                        "images: PGD with random restarts, or torchattacks' standard AutoAttack")
+    s.add_argument("--attack-eps", type=_fraction, default=8 / 255, metavar="EPS",
+                   help="L-inf radius in pixel units of [0, 1] images (default 8/255)")
+    s.add_argument("--attack-steps", type=int, default=20, help="PGD iterations (default 20)")
+    s.add_argument("--attack-restarts", type=int, default=2, help="PGD random starts (default 2)")
+    s.add_argument("--attack-step-size", type=_fraction, metavar="ALPHA",
+                   help="PGD step in pixel units (default 2.5 * eps / steps)")
+    s.add_argument("--attack-samples", type=int, metavar="N",
+                   help="attack a seeded subset of N test images (AutoAttack is slow on CPU)")
+    s.add_argument("--attack-seed", type=int, default=0, help="the subset's and starts' seed")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--device", default="cpu")
     s.add_argument("--checkpoint", default="last")
     s.add_argument("--out", help="folder for comparison figures (default: <first run>/../compare)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_eval)
+
+
+def _fraction(text: str) -> float:
+    """A number or a fraction such as 8/255 (argparse type: a bad one is a usage error)."""
+    from .config import ConfigError, _number
+
+    try:
+        return _number(text)
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255") from None
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -170,12 +192,20 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError("--baseline needs --corruptions (mCE is relative to a baseline's errors)")
     if args.root and not args.data:
         raise ValueError("--root goes with --data (the data source it is the root of)")
+    attack_opts = [o for o, v, d in (("--attack-steps", args.attack_steps, 20),
+                                     ("--attack-restarts", args.attack_restarts, 2),
+                                     ("--attack-step-size", args.attack_step_size, None),
+                                     ("--attack-samples", args.attack_samples, None)) if v != d]
+    if attack_opts and not args.attack:
+        raise ValueError(f"{attack_opts[0]} goes with --attack pgd or --attack autoattack")
     if args.real_images and not args.real:
         raise ValueError("--real-images goes with --real (the labels of those images)")
     check_device(args.device)
     req = EvalRequest(args.data, args.root, args.corruptions, args.folder, args.mapped_folder,
                       args.mapping, args.real, args.real_images, args.throughput,
-                      args.batch_size, args.device, args.checkpoint, args.bad_files)
+                      args.batch_size, args.device, args.checkpoint, args.bad_files,
+                      args.attack, args.attack_eps, args.attack_steps, args.attack_restarts,
+                      args.attack_step_size, args.attack_samples, args.attack_seed)
     results = {run: evaluate_run(run, req, progress=not args.quiet) for run in args.runs}
     report(results, req, args.baseline, args.out, progress=not args.quiet)
     for run in args.runs:

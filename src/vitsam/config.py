@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Mapping
 
 from .data import DataConfig
+from .optim.adversarial import ATTACKS
 from .optim.factory import OptimConfig
 from .optim.schedule import DECAYS
 
@@ -75,6 +76,11 @@ class TrainConfig:
     compile_mode: str | None = None  # torch.compile mode: default, reduce-overhead, max-autotune, ...
     compile_backend: str = "inductor"  # torch.compile backend (eager / aot_eager: cheap checks)
     channels_last: bool | str = "auto"  # auto (ResNets on CUDA) | true | false
+    # Adversarial training (vitsam.optim.adversarial): L-inf, in pixel units of [0, 1] images.
+    adversarial: str = "none"  # none | pgd (PGD-k, random start) | fgsm (FGSM-RS, Wong et al.)
+    adv_eps: float = 8 / 255  # the eps ball's radius
+    adv_steps: int = 7  # PGD iterations (fgsm: one step)
+    adv_step_size: float | None = None  # None: pgd 2.5 eps / adv_steps, fgsm 1.25 eps
 
 
 @dataclass(frozen=True)
@@ -259,6 +265,12 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _brief(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters (a hostile config.json may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _unknown(key: str, names: set[str], prefix: str) -> str:
     leaf = key[len(prefix):]
     close = difflib.get_close_matches(leaf, sorted(names), n=3)
@@ -294,7 +306,7 @@ def _parse(text: str, typ: Any, key: str) -> Any:
         if typ is int:
             return int(text)
         if typ is float:
-            return float(text)
+            return _number(text)
         if typ is str:
             return text
         if typing.get_origin(typ) is tuple:
@@ -304,6 +316,18 @@ def _parse(text: str, typ: Any, key: str) -> Any:
         name = getattr(typ, "__name__", str(typ))
         raise ConfigError(f"{key}={text!r} is not a valid {name}") from None
     return _literal(text)
+
+
+def _number(text: str) -> float:
+    """A float from ``0.5``, ``1e-3`` or a fraction ``8/255`` (pixel-unit radii read best so)."""
+    if "/" in text:
+        num, _, den = text.partition("/")
+        top, bottom = float(num), float(den)  # ValueError for anything but two numbers
+        value = top / bottom if bottom else math.inf
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+    return float(text)
 
 
 def _literal(text: str) -> Any:
@@ -416,7 +440,16 @@ def validate(cfg: RunConfig) -> None:
         (cfg.optim.m is None or cfg.optim.sam,
          f"optim.m={cfg.optim.m} (m-sharpness) needs SAM; set optim.sam=true or optim.m=none"),
         (cfg.optim.sam or cfg.optim.rho >= 0, f"optim.rho must be >= 0, got {cfg.optim.rho}"),
-        (t.decay in DECAYS, f"train.decay must be one of {', '.join(DECAYS)}, got {t.decay!r}"),
+        (t.decay in DECAYS, f"train.decay must be one of {', '.join(DECAYS)}, got {_brief(t.decay)}"),
+        (t.adversarial in ATTACKS,
+         f"train.adversarial must be one of {', '.join(ATTACKS)}, got {_brief(t.adversarial)}"),
+        (0 <= t.adv_eps <= 1,
+         f"train.adv_eps must be in [0, 1] (pixel units of [0, 1] images, e.g. 0.0314 for 8/255), "
+         f"got {t.adv_eps}"),
+        (t.adv_steps >= 1, f"train.adv_steps must be >= 1 (PGD iterations), got {t.adv_steps}"),
+        (t.adv_step_size is None or t.adv_step_size > 0,
+         f"train.adv_step_size must be > 0 (pixel units) or none (the attack's default), "
+         f"got {t.adv_step_size}"),
         # the name starts the run folder's name inside out_dir: it must not lead out of it
         ("/" not in cfg.name and "\\" not in cfg.name and cfg.name not in (".", ".."),
          f"name {cfg.name!r} must be a plain name (no / or ..): it names the run folder in out_dir"),

@@ -84,6 +84,14 @@ def _small(prefix: str, data: DataConfig, family: str, sam: bool, epochs: float,
                      data=data, model=model, optim=optim, train=train)
 
 
+def _at(cfg: RunConfig, eps: float) -> RunConfig:
+    """``cfg`` with adversarial training: FGSM with random start (Wong et al. 2020) at radius
+    ``eps`` (pixel units; MNIST digits 0.1, CIFAR-10 8/255), SAM's passes on the adversarial batch."""
+    train = replace(cfg.train, adversarial="fgsm", adv_eps=eps)
+    return replace(cfg, name=cfg.name + "-at", train=train,
+                   description=f"{cfg.description}, adversarially trained (FGSM-RS, eps {eps:.4g})")
+
+
 def _registry() -> dict[str, Callable[[], RunConfig]]:
     reg: dict[str, Callable[[], RunConfig]] = {}
     mnist = DataConfig(source="mnist5k", augment="none")
@@ -93,6 +101,11 @@ def _registry() -> dict[str, Callable[[], RunConfig]]:
             tag = "-sam" if sam else ""
             reg[f"mnist-{fam}{tag}"] = (lambda f=fam, s=sam: _small("mnist", mnist, f, s, 15, 128))
             reg[f"c10-{fam}{tag}"] = (lambda f=fam, s=sam: _small("c10", c10, f, s, 100, 128))
+    for fam in ("vit", "mixer", "resnet"):
+        for sam in (False, True):
+            tag = "-sam" if sam else ""
+            reg[f"mnist-{fam}{tag}-at"] = (lambda f=fam, s=sam: _at(_small("mnist", mnist, f, s, 15, 128), 0.1))
+            reg[f"c10-{fam}{tag}-at"] = (lambda f=fam, s=sam: _at(_small("c10", c10, f, s, 100, 128), 8 / 255))
     for model, info in MODELS.items():
         if info.img_size == 224:
             for sam in (False, True):

@@ -48,6 +48,13 @@ class EvalRequest:
     device: str = "cpu"
     checkpoint: str = "last"
     bad_files: str | None = None  # error | skip; None: the run's own data.bad_files
+    attack: str | None = None  # pgd | autoattack: robust accuracy (vitsam.eval.attacks)
+    attack_eps: float = 8 / 255  # L-inf radius, pixel units of [0, 1] images
+    attack_steps: int = 20  # PGD iterations
+    attack_restarts: int = 2  # PGD random starts (worst case over them)
+    attack_step_size: float | None = None  # None: 2.5 eps / steps
+    attack_samples: int | None = None  # a seeded subset of this many test images; None: all
+    attack_seed: int = 0  # the subset's and the random starts' seed
 
 
 def _data_config(run: Any, req: EvalRequest) -> DataConfig:
@@ -153,6 +160,9 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
     out["test"] = {**test, "data": bundle.description, "checkpoint": run.checkpoint.name,
                    "normalisation": {"mean": mean, "std": std, "from": feed["from"]},
                    "preprocessing": describe(img_size, crop_pct)}
+    if req.attack:
+        out[f"attack_{req.attack}"] = _attack(model, bundle, req, mean, std, img_size, crop_pct,
+                                             spec["num_classes"], progress)
     if req.corruptions:
         out["corruptions"] = robustness.evaluate_corruptions(
             model, req.corruptions, mean, std, img_size, req.batch_size,
@@ -195,6 +205,38 @@ def evaluate_run(run_dir: str | Path, req: EvalRequest, progress: bool = True) -
     return out
 
 
+def _attack(model: Any, bundle: DataBundle, req: EvalRequest, mean: list[float], std: list[float],
+            img_size: int, crop_pct: float, num_classes: int, progress: bool) -> dict[str, Any]:
+    """Clean and robust accuracy on the test split (or a seeded subset of it)."""
+    from .attacks import robust_accuracy
+
+    if req.attack_samples is not None and req.attack_samples < 1:
+        raise ValueError(f"--attack-samples must be >= 1, got {req.attack_samples}")
+    test = bundle.test if req.attack_samples is None else random_subset(
+        bundle.test, req.attack_samples, req.attack_seed)
+    batches = eval_batches(test, req.batch_size, mean, std, img_size, req.device, crop_pct=crop_pct)
+    return robust_accuracy(model, batches, req.attack, req.attack_eps, mean, std, num_classes,
+                           steps=req.attack_steps, restarts=req.attack_restarts,
+                           step_size=req.attack_step_size, seed=req.attack_seed, total=len(test),
+                           progress=progress)
+
+
+def attack_table(results: dict[str, dict[str, Any]]) -> str:
+    """Clean and robust accuracy side by side, one line per run and attack ("" when none)."""
+    lines = []
+    for run, r in results.items():
+        for key in sorted(k for k in r if k.startswith("attack_")):
+            a = r[key]
+            how = (f"PGD-{a['steps']} x{a['restarts']}" if a["attack"] == "pgd"
+                   else f"AutoAttack ({a['version']})")
+            lines.append(f"{Path(run).name:<40} {how:<22} {a['eps'] * 255:>7.2f} {a['samples']:>7} "
+                         f"{a['clean_acc'] * 100:>6.2f}% {a['robust_acc'] * 100:>6.2f}%")
+    if not lines:
+        return ""
+    head = f"{'run':<40} {'attack':<22} {'eps*255':>7} {'images':>7} {'clean':>7} {'robust':>7}"
+    return "\n".join([head, *lines])
+
+
 def report(results: dict[str, dict[str, Any]], req: EvalRequest, baseline: str | None = None,
            out: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Print tables for evaluated runs; corruption tables, mCE and heatmaps when present."""
@@ -221,6 +263,9 @@ def report(results: dict[str, dict[str, Any]], req: EvalRequest, baseline: str |
                   f"({inf['images_per_s_per_core']:.1f} per core); training "
                   f"{tr['plain']['images_per_s']:.1f} img/s, with SAM "
                   f"{tr['sam']['images_per_s']:.1f} img/s ({tr['slowdown']:.2f}x slower)")
+    table = attack_table(results)
+    if table:
+        print("\n" + table)
     summary: dict[str, Any] = {}
     if req.corruptions:
         base: Any = None

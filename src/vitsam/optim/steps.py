@@ -1,5 +1,10 @@
 """One optimisation step: plain, or SAM's two passes, with accumulation, m-sharpness, AMP and DDP.
 
+Adversarial training (``StepConfig.attack``, ``vitsam.optim.adversarial``): the adversarial
+batch is made first, at the current weights w, and the step (plain, or SAM's two passes: SAM+AT)
+then runs on it in place of the clean batch; its ``loss`` and ``correct`` are the adversarial
+batch's, also returned as ``adv_loss`` and ``adv_correct``.
+
 A cheaper SAM variant (``vitsam.optim.variants``) plans each step: its SAM steps run as SAM's,
 the others as one forward-backward whose gradient the variant may change before the base step.
 
@@ -28,6 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from .adversarial import Attack
 from .sam import SAM, foreach_cosine, global_norm
 from .variants import LookSAM, ScheduledSAM
 
@@ -52,6 +58,8 @@ class StepConfig:
     sync_perturbation: under DistributedDataParallel, False = each worker perturbs with its own
         gradient (the paper's per-device m-sharpness; first backward runs under ``no_sync()``),
         True = perturb with the all-reduced gradient. No effect without DDP.
+    attack: adversarial training: each batch is replaced by ``attack.perturb``'s adversarial
+        batch (made on the same micro-batches, under the same autocast) before the step.
     """
 
     clip_norm: float | None = None
@@ -60,6 +68,7 @@ class StepConfig:
     autocast_dtype: torch.dtype | None = None
     reuse_randomness: bool = True
     sync_perturbation: bool = False
+    attack: Attack | None = None
 
     def __post_init__(self) -> None:
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -68,6 +77,9 @@ class StepConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive number of samples or None, got {v!r}")
+        if self.attack is not None and not isinstance(self.attack, Attack):
+            raise ValueError(f"attack must be a vitsam.optim.adversarial.Attack or None, "
+                             f"got {type(self.attack).__name__}")
         if self.autocast_dtype is not None and self.autocast_dtype not in _AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, "
                              f"got {self.autocast_dtype}")
@@ -75,7 +87,8 @@ class StepConfig:
 
 def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler | None = None, cfg: StepConfig = StepConfig()) -> dict[str, float]:
+               scaler: torch.amp.GradScaler | None = None, cfg: StepConfig = StepConfig(),
+               key: int = 0) -> dict[str, float]:
     """One optimisation step; SAM (two passes) if ``optimizer`` is a :class:`SAM`, else a plain step.
 
     x: (B, C, H, W) float inputs. y: (B,) int64 labels or (B, num_classes) float soft targets.
@@ -87,7 +100,10 @@ def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor
     ``perturbed_loss``, ``sharpness`` (perturbed_loss - loss), ``eps_norm`` and ``grad_cosine``
     (cosine between the clean and the perturbed gradient), and ``perturbed`` (1.0 on a SAM step
     taken, 0.0 on a skipped one and on a cheaper variant's step without perturbation, where the
-    four SAM numbers are NaN: ``vitsam.optim.variants``).
+    four SAM numbers are NaN: ``vitsam.optim.variants``). With ``cfg.attack`` also
+    ``adv_loss`` and ``adv_correct``, the loss and count of the adversarial batch trained on;
+    ``key`` picks the attack's random start (the engine passes the step, so a resumed run
+    draws the same starts).
 
     A skipped step leaves the weights, the optimiser state, BatchNorm running statistics and the
     torch RNG exactly as they were (the module docstring says when a step is skipped). With an
@@ -103,6 +119,9 @@ def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor
         raise ValueError(f"cfg must be a StepConfig, got {type(cfg).__name__}")
     optimizer.zero_grad(set_to_none=True)
     before = _Untouched.take(model, x.device)
+    if cfg.attack is not None:  # at the current weights w, before any SAM perturbation
+        x = cfg.attack.perturb(model, criterion, x, y, key=key, micro_batch=cfg.micro_batch,
+                               autocast_dtype=cfg.autocast_dtype, scaler=scaler)
     if isinstance(optimizer, SAM) and optimizer.plan_step():
         stats = _sam_step(model, criterion, x, y, optimizer, scaler, cfg)
     elif isinstance(optimizer, ScheduledSAM):  # a cheaper SAM's step without perturbation
@@ -111,6 +130,8 @@ def train_step(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor
         stats = _plain_step(model, criterion, x, y, optimizer, scaler, cfg)
     if stats["skipped"]:
         before.restore()
+    if cfg.attack is not None:
+        stats["adv_loss"], stats["adv_correct"] = stats["loss"], stats["correct"]
     stats = {k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for k, v in stats.items()}
     # One host sync for all numbers.
     values = torch.stack([v.detach().float().to(x.device) for v in stats.values()]).cpu().tolist()

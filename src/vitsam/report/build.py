@@ -40,7 +40,8 @@ def _records(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"{d} is not a folder; give a study folder or run folders")
-        order = ["main", "augment", "inside", "sharpness", "geometry", "noise", "sam-variants"]
+        order = ["main", "augment", "inside", "sharpness", "geometry", "noise", "sam-variants",
+                 "adversarial"]
         studies = sorted(d.glob("study-*.json"),
                          key=lambda p: (order.index(p.stem[6:]) if p.stem[6:] in order else 99, p.stem))
         if studies:

@@ -12,7 +12,8 @@ throughput). Scales size the same grid for a budget:
 Cell names are ``<family>-<method>[-f<fraction>]-s<seed>``; the method is ``vanilla``, ``sam``,
 ``aug`` (strong augmentation: RandAugment + Mixup), ``sam-aug``, or one of the cheaper SAM
 variants ``looksam``, ``sam-on`` and ``random`` (``vitsam.optim.variants``, at their defaults:
-LookSAM k = 5, alpha = 0.7; SAM on a random fifth of the steps, the same expected cost). A cell on the whole training
+LookSAM k = 5, alpha = 0.7; SAM on a random fifth of the steps, the same expected cost), or
+adversarial training ``at`` and ``sam-at`` (FGSM-RS, ``vitsam.optim.adversarial``). A cell on the whole training
 set has no fraction in its name, so ``augment``'s fraction-1 vanilla and SAM cells are ``main``'s
 cells and a study folder holding both trains them once.
 """
@@ -29,7 +30,8 @@ SCALES = ("smoke", "cpu", "gpu", "paper")
 FAMILIES = ("resnet", "vit", "mixer")
 METHODS = ("vanilla", "sam", "aug", "sam-aug")
 VARIANT_METHODS = ("looksam", "sam-on", "random")  # each its optim.sam_variant
-SAM_METHODS = ("sam", "sam-aug", *VARIANT_METHODS)
+AT_METHODS = ("at", "sam-at")  # adversarial training (FGSM-RS), alone and with SAM
+SAM_METHODS = ("sam", "sam-aug", *VARIANT_METHODS, "sam-at")
 FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 
 # Why the cpu scale looks the way it does (measured on the shared CIFAR-10, one thread a run):
@@ -99,6 +101,10 @@ class StageSettings:
     transfer: tuple[str, ...] = ("train.epochs=10", "train.eval_every_epochs=10",
                                  "train.ckpt_every_epochs=10", "train.threads=1",
                                  "data.augment=none")
+    # robust: PGD at the cell's training radius (8/255 for cells trained without an attack)
+    attack_steps: int = 20
+    attack_restarts: int = 1
+    attack_samples: int | None = 1000
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,8 @@ def _base(family: str, method: str, scale: str) -> RunConfig:
         cfg = replace(cfg, data=replace(cfg.data, augment="strong"))
     if method in VARIANT_METHODS:
         cfg = replace(cfg, optim=replace(cfg.optim, sam_variant=method))
+    if method in AT_METHODS:
+        cfg = _adversarial(cfg, family, scale)
     return cfg
 
 
@@ -216,6 +224,38 @@ def _noise_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
 def _variants_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
     return [_cell(f, m, s, scale) for f in ("vit", "mixer")
             for m in ("vanilla", "sam", *VARIANT_METHODS) for s in seeds]
+
+
+# Adversarial training (FGSM with random start, Wong et al. 2020: about 2 passes a step, 3 with
+# SAM), robust accuracy under PGD at the training radius. MNIST-like digits take the radius 0.1
+# (the usual 0.3 is beyond models this small trained this briefly); CIFAR-10 the usual 8/255.
+ADV_EPS = {"smoke": 0.1, "cpu": 8 / 255, "gpu": 8 / 255, "paper": 4 / 255}
+# cpu scale: about 30 minutes on this 2-core machine for all six cells and their PGD
+# evaluations. Measured (bench/bench_adversarial.py --quick, one
+# thread, batch 128, the machine shared, load 6-8; docs/benchmarks.md), CPU ms per step
+# vanilla / AT / SAM+AT: ViT 335 / 660 / 1058, Mixer 238 / 429 / 587, ResNet 285 / 520 / 755
+# (wall ms about twice that under that load). Main's 60 epochs of 2,000 images (900 steps)
+# would cost 6-33 minutes a cell, so these cells train 1,000 images (100 per class) for 30
+# epochs: 210 steps, 1.5-8 minutes a cell, about 14 minutes of steps in CPU time for the six
+# (26 at the measured wall times) plus about a minute a cell besides (measured, same load:
+# the final evaluation on the 10,000 test images 8-43 s, PGD-10 on 500 of them 11 s): about 32
+# minutes one cell at a time under that load; ``--workers 2`` roughly halves it. At this budget AT reaches little robustness: the numbers compare AT and SAM+AT at a
+# tiny budget, not the literature's CIFAR-10 robust accuracies.
+ADV_CPU = {"images": 1000, "epochs": 30}
+
+
+def _adversarial(cfg: RunConfig, family: str, scale: str) -> RunConfig:
+    train = replace(cfg.train, adversarial="fgsm", adv_eps=ADV_EPS[scale])
+    data = cfg.data
+    if scale == "cpu":
+        train = replace(train, epochs=ADV_CPU["epochs"], eval_every_epochs=ADV_CPU["epochs"],
+                        ckpt_every_epochs=10)
+        data = replace(data, train_fraction=ADV_CPU["images"] / 50000)
+    return replace(cfg, train=train, data=data)
+
+
+def _adversarial_grid(scale: str, seeds: Sequence[int]) -> list[Cell]:
+    return [_cell(f, m, s, scale) for f in FAMILIES for m in AT_METHODS for s in seeds]
 
 
 # The demo: the paper's story in minutes on 2 cores. The ViT pair trains long enough to fit its
@@ -295,10 +335,13 @@ def _settings(scale: str) -> StageSettings:
                                      "hessian.max_iter=8", "hessian.trace_probes=2"),
                              trajectory=("trajectory.steps=3", "trajectory.max_batches=1"),
                              transfer=("train.epochs=1", "data.train_fraction=0.02", "train.batch_size=16",
-                                       "train.train_eval_samples=50", "data.augment=none"))
+                                       "train.train_eval_samples=50", "data.augment=none",
+                             attack_steps=3, attack_restarts=1, attack_samples=32)
     if scale == "cpu":
-        return StageSettings(batches=4, batch_size=64, corrupt_limit=500)
-    return StageSettings(batches=8, batch_size=128, corrupt_limit=None)
+        return StageSettings(batches=4, batch_size=64, corrupt_limit=500, attack_steps=10,
+                             attack_samples=500)
+    return StageSettings(batches=8, batch_size=128, corrupt_limit=None, attack_restarts=2,
+                         attack_samples=None)
 
 
 MAIN_COLUMNS = ("params", "ntk_kappa_init", "lambda_max", "test_acc", "corrupt_acc",
@@ -359,6 +402,12 @@ STUDIES: dict[str, Study] = {
                           "full SAM (reuses main's vanilla and SAM cells)", _variants_grid,
                           ("hessian",), ("test_acc", "lambda_max", "train_images_per_s"),
                           _settings, reuses="main"),
+    "adversarial": Study("adversarial", "Adversarial training: {ResNet, ViT, Mixer} x {AT, "
+                         "SAM+AT} (FGSM with random start; SAM's two passes on the adversarial "
+                         "batch): clean and PGD robust test accuracy at the training radius",
+                         _adversarial_grid, ("robust",),
+                         ("test_acc", "robust_clean_acc", "robust_acc", "train_acc",
+                          "adv_train_acc", "train_images_per_s"), _settings),
 }
 
 

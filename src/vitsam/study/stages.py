@@ -17,6 +17,7 @@ Stages:
     blocks       lambda_max and trace of the Hessian restricted to each block (and of all of it)
     trajectory   the checkpoints' path on its top-2 principal directions over the loss surface
     transfer     the last checkpoint fine-tuned on another dataset (``vitsam finetune``'s recipe)
+    robust       clean and PGD robust test accuracy at the cell's training radius (eval.json)
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ FAST_PATH_DEFAULTS = (("train", "compile", False), ("train", "compile_mode", Non
                       ("train", "compile_backend", "inductor"), ("train", "channels_last", "auto"),
                       ("optim", "fused", "auto"), ("data", "resident", "auto"))
 STAGES = ("hessian", "ntk", "sparsity", "attention", "landscape", "corruptions", "sharpness",
-          "blocks", "trajectory", "transfer")
+          "blocks", "trajectory", "transfer", "robust")
+_ADV_KEYS = ("adversarial", "adv_eps", "adv_steps", "adv_step_size")
 MARKER = "cell.json"
 _VARIANT_KEYS = ("sam_variant", "looksam_k", "looksam_alpha", "sam_prob", "sam_seed")
 
@@ -49,9 +51,10 @@ def fingerprint(cfg: RunConfig) -> str:
     still match). A setting added later with a default that trains as before
     (``train.sync_batchnorm=false``, ``data.label_noise=0``, ``model.init_from=null``; the
     cheaper SAM keys while ``optim.sam_variant=full``, ``optim.looksam_scope`` off LookSAM; the
-    ``pretrain`` section while ``pretrain.objective=none``) is left out at that default, for the
-    same reason. LookSAM cells do keep ``looksam_scope``: those trained before it existed used
-    the global scope and must not be reused."""
+    ``pretrain`` section while ``pretrain.objective=none``; the adversarial keys while
+    ``train.adversarial=none``) is left out at that default, for the same reason. LookSAM cells
+    do keep ``looksam_scope``: those trained before it existed used the global scope and must
+    not be reused."""
     d = to_dict(replace(cfg, out_dir="", train=replace(cfg.train, threads=None)))
     d["train"].pop("max_bad_steps", None)
     d["data"].pop("bad_files", None)
@@ -65,6 +68,9 @@ def fingerprint(cfg: RunConfig) -> str:
             d["optim"].pop(key, None)
     if d["optim"].get("sam_variant") != "looksam":  # LookSAM cells of the global scope retrain
         d["optim"].pop("looksam_scope", None)
+    if d["train"].get("adversarial", "none") == "none":  # then the attack's keys change nothing
+        for key in _ADV_KEYS:
+            d["train"].pop(key, None)
     if d["model"].get("init_from") is None and d["model"].get("init_checkpoint") == "last":
         d["model"].pop("init_from", None)
         d["model"].pop("init_checkpoint", None)
@@ -263,6 +269,18 @@ def _transfer(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -
         **{k: final.get(k) for k in ("test_acc", "train_acc", "steps", "wall_time_s", "init")}})
 
 
+def _robust(cell_dir: Path, settings: StageSettings, shared: dict[str, str]) -> None:
+    """Clean and PGD robust accuracy at the radius the cell trained with -> eval.json."""
+    from ..eval.runner import EvalRequest, evaluate_run
+
+    train = read_json(cell_dir / "config.json", "run config")["train"]
+    eps = float(train.get("adv_eps", 8 / 255)) if train.get("adversarial", "none") != "none" else 8 / 255
+    evaluate_run(cell_dir, EvalRequest(batch_size=256, attack="pgd", attack_eps=eps,
+                                       attack_steps=settings.attack_steps,
+                                       attack_restarts=settings.attack_restarts,
+                                       attack_samples=settings.attack_samples), progress=False)
+
+
 STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity"),
                "attention": _simple("attention"), "landscape": _simple("landscape", "landscape"),
                "corruptions": _corruptions,
@@ -271,4 +289,5 @@ STAGE_FUNCS = {"hessian": _hessian, "ntk": _ntk, "sparsity": _simple("sparsity")
                # (whole-model lambda_max and trace beside the blocks') is saved as "hessian".
                "blocks": _simple("hessian", "blocks"),
                "trajectory": _simple("trajectory", "trajectory"),
-               "transfer": _transfer}
+               "transfer": _transfer,
+               "robust": _robust}

@@ -44,14 +44,18 @@ COLUMNS: dict[str, tuple[str, str, bool | None]] = {
     "knn_acc": ("kNN acc %", "{:.2f}", True),
     "probe_train_acc": ("probe train acc %", "{:.2f}", None),
     "contrastive_loss": ("NT-Xent loss (last log)", "{:.3f}", None),
+    "robust_acc": ("PGD robust acc %", "{:.2f}", True),
+    "robust_clean_acc": ("clean acc, attacked images %", "{:.2f}", True),
+    "adv_train_acc": ("adversarial train acc %", "{:.2f}", None),
 }
 # method -> the method its difference row compares it with
 BASELINES = {"sam": "vanilla", "sam-aug": "aug", "looksam": "sam", "sam-on": "sam", "random": "sam",
-             "simclr-sam": "simclr"}
+             "simclr-sam": "simclr", "sam-at": "at"}
 SCALE = {"params": 1e-6, "test_acc": 100.0, "train_acc": 100.0, "corrupt_acc": 100.0,
          "trajectory_explained": 100.0, "noisy_memorised": 100.0, "noisy_true": 100.0,
          "transfer_acc": 100.0, "transfer_train_acc": 100.0,
-         "probe_acc": 100.0, "knn_acc": 100.0, "probe_train_acc": 100.0}
+         "probe_acc": 100.0, "knn_acc": 100.0, "probe_train_acc": 100.0,
+         "robust_acc": 100.0, "robust_clean_acc": 100.0, "adv_train_acc": 100.0}
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -91,6 +95,9 @@ def cell_values(run_dir: Path) -> dict[str, Any]:
         "knn_acc": final.get("knn_acc"),
         "probe_train_acc": _get(final, "probe", "train_acc"),
         "contrastive_loss": final.get("contrastive_loss"),
+        "robust_acc": _get(ev, "attack_pgd", "robust_acc"),
+        "robust_clean_acc": _get(ev, "attack_pgd", "clean_acc"),
+        "adv_train_acc": _get(final, "adversarial", "train_adv_acc"),
     }
     kinds = _get(ana, "sparsity", "result", "layers") or {}
     if kinds:

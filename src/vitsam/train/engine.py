@@ -37,6 +37,7 @@ from ..eval.metrics import evaluate
 from ..io import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from ..models import check_forward, count_params, create_model, make_spec
 from ..models.zoo import model_family
+from ..optim.adversarial import training_attack
 from ..optim.factory import build_optimizer
 from ..optim.schedule import build_scheduler
 from ..optim.steps import StepConfig
@@ -102,8 +103,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor,
                optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-               step_cfg: StepConfig) -> dict[str, float]:
+               step_cfg: StepConfig, key: int = 0) -> dict[str, float]:
     """One optimiser step (two passes with SAM) followed by one scheduler step.
+
+    ``key`` picks an adversarial attack's random start (a pure function of the run's seed and
+    the key: the loop passes step * processes + rank, which a resumed run repeats).
 
     The result's ``lr`` is the learning rate this step used (first param group), read before
     the scheduler moves on to the next step's. A skipped step (GradScaler overflow, non-finite
@@ -111,7 +115,7 @@ def train_step(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch
     scheduler step without an optimiser step (a skipped first step) is silenced.
     """
     lr = scheduler.get_last_lr()[0]
-    out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg)
+    out = optim_train_step(model, criterion, x, y, optimizer, scaler=scaler, cfg=step_cfg, key=key)
     faults.point("step")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
@@ -186,6 +190,9 @@ class _Meter:
                                                    "perturbed")}
         rec.setdefault("loss", float("nan"))
         rec["acc"] = s.get("correct", 0.0) / max(s["n"], 1.0) if "n" in s else float("nan")
+        if "adv_correct" in s:  # adversarial training: accuracy on the adversarial batches
+            rec.pop("adv_correct")
+            rec["adv_acc"] = s["adv_correct"] / max(s["n"], 1.0)
         rec["skipped_steps"] = s.get("skipped", 0.0)
         rec["nonfinite_steps"] = s.get("nonfinite", 0.0)
         if "perturbed" in s:  # SAM: how many of the interval's steps perturbed (the variants' cost)
@@ -287,9 +294,15 @@ class Trainer:
         scheduler = build_scheduler(optimizer, timeline.total_steps, timeline.warmup_steps,
                                     t.decay)
         scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+        # Adversarial training attacks the model in training mode, as it is during the step:
+        # BatchNorm then normalises with the batch's own statistics and dropout draws the step's
+        # masks, so the attack maximises the loss of the very function the step differentiates
+        # (eval mode would attack a network with lagging running statistics, another function
+        # early in training). The attack's passes leave the running statistics untouched.
         step_cfg = StepConfig(clip_norm=t.clip_norm, micro_batch=t.micro_batch, m=cfg.optim.m,
                               autocast_dtype=amp, reuse_randomness=cfg.optim.reuse_randomness,
-                              sync_perturbation=cfg.optim.sync_perturbation)
+                              sync_perturbation=cfg.optim.sync_perturbation,
+                              attack=training_attack(t, bundle.mean, bundle.std))
         # The steps drive the compiled module; checkpoints and evaluation the plain one.
         net = group.wrap(compile_model(model, t) if t.compile else model, device)
         return cls(cfg, bundle, timeline, spec, model, optimizer, scheduler, scaler,
@@ -431,7 +444,7 @@ def _loop(tr: Trainer, run_dir: Path, metrics_path: Path, step: int, t0: float, 
             if tr.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out = train_step(tr.net, tr.criterion, x, y, tr.optimizer, tr.scheduler, tr.scaler,
-                             tr.step_cfg)
+                             tr.step_cfg, key=step * tr.group.world + tr.group.rank)
             out = tr.group.reduce_step(out)  # the global batch's numbers, in every process
             meter.add(out)
             step += 1
@@ -592,6 +605,8 @@ def _finish(run_dir: Path, tr: Trainer, step: int, wall: float,
                                 "num_noisy": len(tr.bundle.noisy.index), **_noise_fit(tr)}
     if tr.init is not None:
         final["init"] = tr.init
+    if tr.step_cfg.attack is not None:
+        final["adversarial"] = adversarial_summary(tr, records)
     if tr.group.is_main:
         atomic_write_json(run_dir / "final.json", final)
     return final
@@ -615,3 +630,24 @@ def overall_rate(records: list[dict[str, Any]]) -> float | None:
             steps += span
             time_units += span / float(r["images_per_s"])
     return steps / time_units if time_units > 0 else None
+
+
+def adversarial_summary(tr: Trainer, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What adversarial training did: the attack with its settings in use, and the loss and
+    accuracy on the adversarial training batches over the last epoch's log records (weighted
+    by their steps; None when no record has them)."""
+    atk, t = tr.step_cfg.attack, tr.cfg.train
+    last = [r for r in records if "adv_acc" in r]
+    total = last[-1]["step"] if last else 0
+    start = total - tr.timeline.steps_per_epoch
+    acc = loss = weight = 0.0
+    prev = 0
+    for r in last:
+        span, prev = int(r["step"]) - prev, int(r["step"])
+        if r["step"] > start and math.isfinite(r["adv_acc"]) and math.isfinite(r.get("adv_loss", math.nan)):
+            acc, loss, weight = acc + span * r["adv_acc"], loss + span * r["adv_loss"], weight + span
+    return {"attack": t.adversarial, "eps": atk.eps, "step_size": atk.alpha,
+            "steps": atk.iterations, "random_start": atk.random_start,
+            "train_adv_acc": acc / weight if weight else None,
+            "train_adv_loss": loss / weight if weight else None,
+            "sam": tr.cfg.optim.sam}
