@@ -335,7 +335,7 @@ def _settings(scale: str) -> StageSettings:
                                      "hessian.max_iter=8", "hessian.trace_probes=2"),
                              trajectory=("trajectory.steps=3", "trajectory.max_batches=1"),
                              transfer=("train.epochs=1", "data.train_fraction=0.02", "train.batch_size=16",
-                                       "train.train_eval_samples=50", "data.augment=none",
+                                       "train.train_eval_samples=50", "data.augment=none"),
                              attack_steps=3, attack_restarts=1, attack_samples=32)
     if scale == "cpu":
         return StageSettings(batches=4, batch_size=64, corrupt_limit=500, attack_steps=10,
