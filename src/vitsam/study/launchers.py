@@ -72,12 +72,15 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _end_with_parent() -> None:
-    """In the torchrun child, before exec: SIGTERM when the worker that started it dies
-    (Linux), so a killed study leaves no training behind (torchrun passes SIGTERM on to the
-    ranks, which checkpoint and stop)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _death_signal() -> Callable[[], None] | None:
+    """For the torchrun child, before exec: SIGTERM when the worker that started it dies
+    (Linux's PR_SET_PDEATHSIG), so a killed study leaves no training behind (torchrun passes
+    SIGTERM on to the ranks, which checkpoint and stop). libc is looked up here, in the parent:
+    the child between fork and exec only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
 
 
 def torchrun_trainer(nproc: int, launch_dir: Path) -> Trainer:
@@ -96,7 +99,7 @@ def torchrun_trainer(nproc: int, launch_dir: Path) -> Trainer:
             out.write(("$ " + " ".join(cmd) + "\n").encode())
             out.flush()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_child_env(),
-                                    stdin=subprocess.DEVNULL, preexec_fn=_end_with_parent)
+                                    stdin=subprocess.DEVNULL, preexec_fn=_death_signal())
             try:
                 code = proc.wait()
             except BaseException:  # stopped (Ctrl-C, SIGTERM): let the ranks checkpoint first
