@@ -115,6 +115,8 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
         check_options(slurm)
         check_available()
     out = Path(out).expanduser()
+    if launcher == "slurm":  # the jobs may start in another working directory
+        out = out.absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the study")
     cells = study_cells(study, scale, seeds, only, data, root)

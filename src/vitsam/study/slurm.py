@@ -152,7 +152,7 @@ def run_jobs(names: Sequence[str], worker: Callable[..., dict[str, Any]],
             note(f"{name}: slurm job {jobs[name][0].job_id}")
         while jobs:
             # One sacct call for every job still out; result files are looked at directly.
-            next(iter(jobs.values()))[0].done(force_check=True)
+            next(iter(jobs.values()))[0].watcher.update()
             for name, (job, tries) in list(jobs.items()):
                 if not job.done():
                     continue
