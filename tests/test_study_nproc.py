@@ -150,3 +150,17 @@ def test_torchrun_command_and_failure_lines():
         "training on 2 processes failed: rank 1 killed by SIGKILL")
     assert launchers.failure_line("", 3, 2) == ("training on 2 processes failed: torchrun "
                                                 "exited with status 3")
+
+
+def test_train_config_file_errors_are_one_line(tmp_path, capsys):
+    """``vitsam train --config`` (what a cell's torchrun job runs): a saved config, alone."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"train": {"epochs": "three"}}))
+    assert main(["train", "--config", str(cfg), "--preset", "mnist-vit"]) == 2
+    assert capsys.readouterr().err.strip() == ("vitsam: error: --config gives the whole starting "
+                                               "config; drop --preset and --smoke")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitsam: error: train.epochs") and err.endswith(f"(in {cfg}; correct it there)")
+    assert main(["train", "--resume", str(tmp_path), "--config", str(cfg)]) == 2
+    assert "drop --preset, --smoke, --config" in capsys.readouterr().err
