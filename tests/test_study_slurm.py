@@ -109,9 +109,9 @@ def test_a_stopped_study_cancels_its_jobs(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_HOLD", "1")  # the jobs stay queued
 
     def interrupt(seconds):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # Ctrl-C while the study waits for its jobs
 
-    monkeypatch.setattr(slurm.time, "sleep", interrupt)
+    monkeypatch.setattr(slurm, "_pause", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_study(get_study("demo"), "smoke", tmp_path / "study", only=CELLS, launcher="slurm",
                   slurm=OPTS, progress=False)

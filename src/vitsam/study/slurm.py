@@ -134,6 +134,11 @@ def _outcome(job: Any) -> dict[str, Any]:
                 "error": f"slurm job {job.job_id} ended {state} without a result: {first}"}
 
 
+def _pause(seconds: float) -> None:
+    """The wait between two looks at the jobs."""
+    time.sleep(seconds)
+
+
 def run_jobs(names: Sequence[str], worker: Callable[..., dict[str, Any]],
              args: dict[str, tuple], opts: SlurmOptions, folder: Path,
              finished: Callable[[str, dict[str, Any]], None], note: Callable[[str], None]) -> None:
@@ -165,7 +170,7 @@ def run_jobs(names: Sequence[str], worker: Callable[..., dict[str, Any]],
                 del jobs[name]
                 finished(name, res)
             if jobs:
-                time.sleep(opts.poll_s)
+                _pause(opts.poll_s)
     except BaseException:
         for job, _ in jobs.values():  # stopped: no job keeps writing into the study's cells
             job.cancel(check=False)
