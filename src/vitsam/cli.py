@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import ConfigError
 from .train.signals import Interrupted
 
 # Errors that carry a message meant for the user (OSError: missing files, a file where a folder
@@ -48,16 +49,30 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .train.engine import train
 
     if args.resume:
-        if args.overrides or args.preset or args.smoke or args.run_dir:
+        if args.overrides or args.preset or args.smoke or args.run_dir or args.config:
             raise ValueError("--resume continues a run in its own folder with its saved config; "
-                             "drop --preset, --smoke, --run-dir and the overrides")
+                             "drop --preset, --smoke, --config, --run-dir and the overrides")
         final = train(resume=args.resume, progress=not args.quiet)
     else:
-        cfg = get_preset(args.preset, smoke_size=args.smoke) if args.preset else RunConfig()
+        if args.config and (args.preset or args.smoke):
+            raise ValueError("--config gives the whole starting config; drop --preset and --smoke")
+        cfg = (_config_file(args.config) if args.config else
+               get_preset(args.preset, smoke_size=args.smoke) if args.preset else RunConfig())
         cfg = apply_overrides(cfg, args.overrides)
         final = train(cfg, run_dir=args.run_dir, progress=not args.quiet)
     if is_main_process():  # under torchrun, rank 0 alone prints
         _print_final([final])
+
+
+def _config_file(path: str) -> Any:
+    """The RunConfig saved in ``path`` (a run's config.json, or a study cell's)."""
+    from .config import RunConfig, from_dict
+    from .io import read_json
+
+    try:
+        return from_dict(RunConfig, read_json(path, "run config"))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {path}; correct it there)") from None
 
 
 def _print_final(finals: list[dict[str, Any]]) -> None:
@@ -116,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a model (preset + dotted overrides)")
     s.add_argument("--preset", help="named preset (see `vitsam presets`)")
     s.add_argument("--smoke", action="store_true", help="the preset's tiny smoke size")
+    s.add_argument("--config", metavar="JSON", help="start from this config file (a run's "
+                                                    "config.json) instead of a preset")
     s.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

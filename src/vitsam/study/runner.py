@@ -1,10 +1,13 @@
-"""Run a study: the grid's cells in worker processes, finished cells reused, failures recorded.
+"""Run a study: the grid's cells in worker processes (or Slurm jobs), finished cells reused,
+failures recorded.
 
 ``DIR/study-<name>.json`` records the study (scale, seeds, command, every cell's status and, for
 a failed cell, its one-line error); each cell is the run folder ``DIR/<cell>``; a study's shared
 corruption set lives in ``DIR/_shared/corruptions``. A failing cell never stops the others; the
 study then raises ``StudyFailed`` naming the failed cells (the CLI exits non-zero). The study
 holds ``DIR/.vitsam-study.lock`` while it runs, so a second study on ``DIR`` stops at once.
+Where a cell trains (in its worker, or as a torchrun job of ``nproc`` processes) is
+``vitsam.study.launchers``; cells as Slurm jobs (``launcher="slurm"``) are ``vitsam.study.slurm``.
 """
 from __future__ import annotations
 
@@ -24,9 +27,13 @@ from ..lifeline import exit_with_parent
 from ..progress import progress_bar
 from ..train import runlock
 from ..train.runlock import STUDY_LOCK_FILE
+from .launchers import check_divisible, check_nproc, torchrun_trainer
 from .presets import SCALE_NOTES, Cell, Study, cell_overrides, describe, study_cells
+from .slurm import SLURM_FOLDER, SlurmOptions, check_available, check_options, run_jobs
 from .stages import pending, run_cell
 from .tables import write_tables
+
+LAUNCHERS = ("local", "slurm")
 
 
 class StudyFailed(RuntimeError):
@@ -40,13 +47,18 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _worker(cell: Cell, cfg: RunConfig, cell_dir: str, stages: tuple[str, ...], settings: Any,
-            shared: dict[str, str], threads: int) -> dict[str, Any]:
-    """One cell in a worker process: never raises, returns status and (on failure) the error."""
+            shared: dict[str, str], threads: int | None, nproc: int = 1) -> dict[str, Any]:
+    """One cell in a worker process (or a Slurm job): never raises, returns status and (on
+    failure) the error. ``nproc`` > 1 trains it as a torchrun job of that many processes."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = None
+    if nproc > 1:
+        trainer = torchrun_trainer(nproc, Path(cell_dir).parent / "_shared" / "launch")
     try:
-        out = run_cell(cell, cfg, Path(cell_dir), stages, settings, shared)
+        out = run_cell(cell, cfg, Path(cell_dir), stages, settings, shared, trainer=trainer)
         return {"status": "done", **out}
     except KeyboardInterrupt:
         if parent_process() is not None:
@@ -78,21 +90,37 @@ def _shared_corruptions(out: Path, cells: list[Cell], settings: Any, progress: b
 def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = (0,),
               workers: int = 1, only: Sequence[str] | None = None,
               overrides: Sequence[str] = (), data: str | None = None, root: str | None = None,
-              progress: bool = True, command: str | None = None) -> dict[str, Any]:
+              progress: bool = True, command: str | None = None, nproc: int = 1,
+              launcher: str = "local", slurm: SlurmOptions | None = None) -> dict[str, Any]:
     """Run (or continue) ``study`` at ``scale`` into ``out``; returns the study record.
 
     ``workers`` cells train at once, each in its own process with ``cpu_count // workers``
-    torch threads (``workers=1`` runs the cells in this process, one after the other). One
-    process at a time runs a study in ``out`` (``vitsam.train.runlock``); a second one raises
-    ``RunFolderBusy`` at once, naming the first one's pid, before it writes anything.
+    torch threads (``workers=1`` runs the cells in this process, one after the other); each
+    cell's training is a torchrun job of ``nproc`` processes when ``nproc`` > 1 (the threads
+    shared among them). ``launcher="slurm"`` runs every cell as its own Slurm job instead
+    (``slurm``: what each job asks for). One process at a time runs a study in ``out``
+    (``vitsam.train.runlock``); a second one raises ``RunFolderBusy`` at once, naming the first
+    one's pid, before it writes anything.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
+    check_nproc(nproc)
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown --launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
+    if launcher == "slurm":
+        slurm = slurm or SlurmOptions()
+        if workers != 1:
+            raise ConfigError("--workers is for the local launcher; with --launcher slurm every "
+                              "cell is its own job, all submitted at once")
+        check_options(slurm)
+        check_available()
     out = Path(out).expanduser()
+    if launcher == "slurm":  # the jobs may start in another working directory
+        out = out.absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the study")
     cells = study_cells(study, scale, seeds, only, data, root)
-    configs, errors = _configs(cells, overrides)
+    configs, errors = _configs(cells, overrides, nproc)
     made = not out.exists()
     runlock.raise_if_busy(out, STUDY_LOCK_FILE)  # another study there: say which, create nothing
     out.mkdir(parents=True, exist_ok=True)
@@ -101,20 +129,32 @@ def run_study(study: Study, scale: str, out: str | Path, seeds: Sequence[int] = 
     with runlock.hold(out, remove_if_unused=made, command="vitsam study",
                       lock_file=STUDY_LOCK_FILE):
         return _run(study, scale, out, cells, configs, errors, seeds, workers, overrides, data,
-                    root, progress, command)
+                    root, progress, command, nproc, slurm if launcher == "slurm" else None)
+
+
+def _threads(workers: int, nproc: int, slurm: SlurmOptions | None) -> int | None:
+    """torch threads of each training process: this machine's cores shared among the cells
+    that train at once and their processes; on Slurm, the job's --slurm-cpus-per-cell (None,
+    torch's default, when not given)."""
+    if slurm is not None:
+        return max(1, slurm.cpus_per_cell // nproc) if slurm.cpus_per_cell else None
+    return max(1, (os.cpu_count() or 1) // (workers * nproc))
 
 
 def _run(study: Study, scale: str, out: Path, cells: list[Cell], configs: dict[str, RunConfig],
          errors: dict[str, str], seeds: Sequence[int], workers: int, overrides: Sequence[str],
-         data: str | None, root: str | None, progress: bool, command: str | None
-         ) -> dict[str, Any]:
+         data: str | None, root: str | None, progress: bool, command: str | None,
+         nproc: int, slurm: SlurmOptions | None) -> dict[str, Any]:
     """``run_study`` in the study folder ``out`` it holds."""
     settings = study.settings(scale)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = _threads(workers, nproc, slurm)
+    # The worker's own threads (its stages, one process): all of the cell's share.
+    worker_threads = threads * nproc if threads else None
     notes = study.notes.get(scale) or SCALE_NOTES[scale]
     record: dict[str, Any] = {"study": study.name, "description": study.description,
                               "scale": scale, "scale_notes": notes,
-                              "seeds": list(seeds), "workers": workers,
+                              "seeds": list(seeds), "workers": workers, "nproc": nproc,
+                              "launcher": "slurm" if slurm else "local",
                               "overrides": list(overrides), "data": data, "root": root,
                               "command": command, "stages": list(study.stages),
                               "columns": list(study.columns), "grid": describe(cells),
@@ -147,7 +187,7 @@ def _run(study: Study, scale: str, out: Path, cells: list[Cell], configs: dict[s
     bar = progress_bar(total=len(cells), initial=len(cells) - len(todo) - len(errors), unit="cell",
                        desc=f"study {study.name} ({scale})", disable=not progress, dynamic_ncols=True)
     args = {c.name: (c, configs[c.name], str(out / c.name), study.stages, settings, shared,
-                     threads) for c in todo}
+                     worker_threads, nproc) for c in todo}
     t0 = time.perf_counter()
 
     def finished(name: str, res: dict[str, Any]) -> None:
@@ -161,10 +201,16 @@ def _run(study: Study, scale: str, out: Path, cells: list[Cell], configs: dict[s
         bar.update(1)
         failed = sum(1 for e in record["cells"].values() if e["status"] == "failed")
         left = len([n for n in args if n not in record["cells"]])
-        bar.set_postfix(done=len(record["cells"]) - failed, failed=failed,
-                        running=min(workers, left), waiting=max(0, left - workers))
+        if slurm:
+            bar.set_postfix(done=len(record["cells"]) - failed, failed=failed, jobs=left)
+        else:
+            bar.set_postfix(done=len(record["cells"]) - failed, failed=failed,
+                            running=min(workers, left), waiting=max(0, left - workers))
 
-    if workers == 1:
+    if slurm:
+        run_jobs([c.name for c in todo], _worker, args, slurm, out / "_shared" / SLURM_FOLDER,
+                 finished, bar.write if progress else lambda line: None)
+    elif workers == 1:
         for c in todo:
             bar.set_postfix_str(f"running {c.name}")
             finished(c.name, _worker(*args[c.name]))
@@ -196,15 +242,17 @@ def _run(study: Study, scale: str, out: Path, cells: list[Cell], configs: dict[s
     return record
 
 
-def _configs(cells: list[Cell], overrides: Sequence[str]) -> tuple[dict[str, RunConfig], dict[str, str]]:
-    """Each cell's config with the overrides, checked as training would check it (before any
-    work); an override no cell accepts is a usage error."""
+def _configs(cells: list[Cell], overrides: Sequence[str], nproc: int = 1
+             ) -> tuple[dict[str, RunConfig], dict[str, str]]:
+    """Each cell's config with the overrides, checked as training would check it on ``nproc``
+    processes (before any work); an override no cell accepts is a usage error."""
     configs: dict[str, RunConfig] = {}
     errors: dict[str, str] = {}
     for c in cells:
         try:
             cfg = cell_overrides(c, overrides)
             validate(cfg)
+            check_divisible(cfg, nproc)
             configs[c.name] = cfg
         except (ConfigError, ValueError, TypeError) as exc:
             errors[c.name] = _one_line(exc)

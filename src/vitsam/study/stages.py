@@ -108,18 +108,16 @@ def pending(cell_dir: Path, cfg: RunConfig, stages: tuple[str, ...]) -> list[str
 
 
 def run_cell(cell: Cell, cfg: RunConfig, cell_dir: Path, stages: tuple[str, ...],
-             settings: StageSettings, shared: dict[str, str], progress: bool = False) -> dict[str, Any]:
-    """Train and measure one cell; returns ``{"ran": [stages run], "seconds": ...}``."""
-    from ..train.engine import train
+             settings: StageSettings, shared: dict[str, str], progress: bool = False,
+             trainer: Callable[[RunConfig, Path, bool], None] | None = None) -> dict[str, Any]:
+    """Train and measure one cell; returns ``{"ran": [stages run], "seconds": ...}``.
 
+    ``trainer(cfg, cell_dir, resume)`` trains it (``vitsam.study.launchers``; default: here,
+    in this process)."""
     todo = pending(cell_dir, cfg, stages)
     t0 = time.perf_counter()
     if "train" in todo:
-        resume = (cell_dir / "config.json").exists()
-        if resume:
-            train(resume=cell_dir, progress=progress)
-        else:
-            train(cfg, run_dir=cell_dir, progress=progress)
+        (trainer or _train_here(progress))(cfg, cell_dir, (cell_dir / "config.json").exists())
     # Stages of other studies on this cell stay listed: the marker is the cell's, not a study's.
     done = list((read_marker(cell_dir) or {}).get("stages", []))
     info = {"name": cell.name, "fingerprint": fingerprint(cfg), "family": cell.family,
@@ -132,6 +130,18 @@ def run_cell(cell: Cell, cfg: RunConfig, cell_dir: Path, stages: tuple[str, ...]
     if not (cell_dir / MARKER).exists():  # a cell whose study has no stages
         atomic_write_json(cell_dir / MARKER, {**info, "stages": done})
     return {"ran": todo, "seconds": time.perf_counter() - t0}
+
+
+def _train_here(progress: bool) -> Callable[[RunConfig, Path, bool], None]:
+    """Training in this process: a new run in ``cell_dir``, or the resume of its run."""
+    from ..train.engine import train
+
+    def run(cfg: RunConfig, cell_dir: Path, resume: bool) -> None:
+        if resume:
+            train(resume=cell_dir, progress=progress)
+        else:
+            train(cfg, run_dir=cell_dir, progress=progress)
+    return run
 
 
 def _analyze(cell_dir: Path, names: list[str], settings: StageSettings, extra: tuple[str, ...],
