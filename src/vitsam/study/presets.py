@@ -242,6 +242,12 @@ ADV_EPS = {"smoke": 0.1, "cpu": 8 / 255, "gpu": 8 / 255, "paper": 4 / 255}
 # minutes one cell at a time under that load; ``--workers 2`` roughly halves it. At this budget AT reaches little robustness: the numbers compare AT and SAM+AT at a
 # tiny budget, not the literature's CIFAR-10 robust accuracies.
 ADV_CPU = {"images": 1000, "epochs": 30}
+ADVERSARIAL_REASONING = (
+    f"CIFAR-10 at {ADV_CPU['images'] // 10} images per class ({ADV_CPU['images']:,} training "
+    f"images, full 10,000-image test set), {ADV_CPU['epochs']} epochs of FGSM-RS adversarial "
+    "training at eps 8/255 (step 1.25 eps), no augmentation, batch 128; main's cpu-scale models "
+    "and SAM radii; PGD-10 at 8/255 on 500 test images; half main's images and epochs because an "
+    "AT step costs about 2x a plain one and SAM+AT 2.5-3.2x (docs/benchmarks.md)")
 
 
 def _adversarial(cfg: RunConfig, family: str, scale: str) -> RunConfig:
@@ -407,7 +413,8 @@ STUDIES: dict[str, Study] = {
                          "batch): clean and PGD robust test accuracy at the training radius",
                          _adversarial_grid, ("robust",),
                          ("test_acc", "robust_clean_acc", "robust_acc", "train_acc",
-                          "adv_train_acc", "train_images_per_s"), _settings),
+                          "adv_train_acc", "train_images_per_s"), _settings,
+                         notes={"cpu": ADVERSARIAL_REASONING}),
 }
 
 
