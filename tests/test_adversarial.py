@@ -240,25 +240,12 @@ def _smoke(tmp_path: Path, *extra: str) -> RunConfig:
 
 def test_training_resumed_mid_run_is_exact(tmp_path, monkeypatch):
     from vitsam.io import read_jsonl
-    from vitsam.train import engine
     from vitsam.train.checkpoint import load_run
 
+    from resume import whole_and_resumed
+
     cfg = _smoke(tmp_path, "train.adversarial=pgd", "train.adv_steps=2")
-    whole = engine.train(cfg, run_dir=tmp_path / "whole", progress=False)
-    real, calls = engine.train_step, {"n": 0}
-
-    def crash_at_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_step", crash_at_five)
-    with pytest.raises(KeyboardInterrupt):
-        engine.train(cfg, run_dir=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(engine, "train_step", real)
-    assert load_run(tmp_path / "cut").step == 3
-    cut = engine.train(resume=tmp_path / "cut", progress=False)
+    whole, cut = whole_and_resumed(cfg, tmp_path, monkeypatch)
     a, b = load_run(tmp_path / "whole").model, load_run(tmp_path / "cut").model
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
