@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from vitsam.config import RunConfig
 from vitsam.train import engine
@@ -31,3 +32,17 @@ def whole_and_resumed(cfg: RunConfig, tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(engine, "train_step", real)
     assert load_run(tmp_path / "cut").step == resumed_from
     return whole, engine.train(resume=tmp_path / "cut", progress=False)
+
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    """Two run folders hold bit-equal final weights and the same metrics.jsonl training
+    records, images/s aside (the one number that depends on the machine's load)."""
+    from vitsam.io import read_jsonl
+
+    a, b = load_run(a_dir).model.state_dict(), load_run(b_dir).model.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    log = lambda d: [{k: v for k, v in r.items() if k != "images_per_s"}  # noqa: E731
+                     for r in read_jsonl(d / "metrics.jsonl") if "loss" in r]
+    assert log(a_dir) == log(b_dir)

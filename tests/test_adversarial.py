@@ -240,19 +240,14 @@ def _smoke(tmp_path: Path, *extra: str) -> RunConfig:
 
 def test_training_resumed_mid_run_is_exact(tmp_path, monkeypatch):
     from vitsam.io import read_jsonl
-    from vitsam.train.checkpoint import load_run
 
-    from resume import whole_and_resumed
+    from resume import assert_same_run, whole_and_resumed
 
     cfg = _smoke(tmp_path, "train.adversarial=pgd", "train.adv_steps=2")
     whole, cut = whole_and_resumed(cfg, tmp_path, monkeypatch)
-    a, b = load_run(tmp_path / "whole").model, load_run(tmp_path / "cut").model
-    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(pa, pb), name
-    log = lambda d: [{k: v for k, v in r.items() if k != "images_per_s"}  # noqa: E731
-                     for r in read_jsonl(d / "metrics.jsonl") if "loss" in r]
-    assert log(tmp_path / "whole") == log(tmp_path / "cut")
-    assert all("adv_acc" in r and "adv_loss" in r for r in log(tmp_path / "whole"))
+    assert_same_run(tmp_path / "whole", tmp_path / "cut")
+    assert all("adv_acc" in r and "adv_loss" in r
+               for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl") if "loss" in r)
     adv = whole["adversarial"]
     assert adv == cut["adversarial"]
     assert (adv["attack"], adv["steps"], adv["sam"]) == ("pgd", 2, True)

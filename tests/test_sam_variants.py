@@ -15,7 +15,7 @@ from vitsam.optim.factory import OptimConfig, build_optimizer
 from vitsam.optim.variants import LookSAM, RandomSAM, SAMOn, norm_only_groups, perturbs
 from vitsam.train.checkpoint import flatten_state, unflatten_state
 
-from resume import whole_and_resumed
+from resume import assert_same_run, whole_and_resumed
 
 RHO, LR = 0.1, 0.5
 
@@ -269,21 +269,14 @@ def test_state_dict_through_a_checkpoint_resumes_bit_exactly(make):
 
 @pytest.mark.parametrize("variant", ["looksam", "random"])
 def test_training_resumed_mid_run_is_exact(tmp_path, monkeypatch, variant):
-    from vitsam.io import read_jsonl
     from vitsam.presets import get_preset
-    from vitsam.train.checkpoint import load_run
 
     cfg = apply_overrides(get_preset("mnist-vit-sam", smoke_size=True), [
         f"out_dir={tmp_path}", "train.max_steps=5", "train.epochs=2", "train.ckpt_every_epochs=0.5",
         "train.log_every_steps=2", "train.train_eval_samples=32", f"optim.sam_variant={variant}",
         "optim.looksam_k=2", "optim.sam_prob=0.5"])
     whole, cut = whole_and_resumed(cfg, tmp_path, monkeypatch)
-    a, b = load_run(tmp_path / "whole").model, load_run(tmp_path / "cut").model
-    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(pa, pb), name
-    log = lambda d: [{k: v for k, v in r.items() if k != "images_per_s"}  # noqa: E731
-                     for r in read_jsonl(d / "metrics.jsonl") if "loss" in r]
-    assert log(tmp_path / "whole") == log(tmp_path / "cut")
+    assert_same_run(tmp_path / "whole", tmp_path / "cut")
     want = {"looksam": 3, "random": sum(perturbs(0, t, 0.5) for t in range(5))}[variant]
     assert whole["perturbed_steps"] == cut["perturbed_steps"] == want
     assert whole["sam_variant"] == variant
