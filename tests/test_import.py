@@ -185,3 +185,14 @@ def test_without_data_the_folder_asks_for_a_root(tmp_path, capsys):
     assert main(["import", str(npz), "--out", str(run)]) == 0
     capsys.readouterr()
     _one_line_error(["analyze", str(run), "--hessian", "--quiet"], capsys, "root")
+
+
+def test_a_timm_file_with_a_missing_block_is_refused_naming_the_block(tmp_path):
+    direct = create_model("vit-t4", num_classes=10, img_size=8, in_chans=1, patch_size=4,
+                          embed_dim=64, depth=3, num_heads=1)
+    state = {k: v.contiguous() for k, v in direct.state_dict().items()
+             if not k.startswith("blocks.1.")}
+    path = tmp_path / "gap.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ReleasedError, match=r"block 1 is missing \(blocks\.1\.\.\.\)"):
+        read_released(path)

@@ -158,8 +158,9 @@ def _count(keys: _Keys, pattern: str) -> int:
     n = len(found)
     if found != set(range(n)):
         missing = min(set(range(max(found) + 1)) - found)
-        raise ReleasedError(f"{keys.path}: block {missing} is missing ({pattern.split('(')[0]}"
-                            f"{missing}/...) although later blocks are present")
+        prefix = pattern.split("(")[0].replace("\\", "")  # the key up to the block number
+        raise ReleasedError(f"{keys.path}: block {missing} is missing ({prefix}{missing}...) "
+                            "although later blocks are present")
     return n
 
 
@@ -308,8 +309,7 @@ def _read_timm(path: Path) -> Released:
     if "cls_token" in state or "patch_embed.proj.weight" in state:
         layout = "timm ViT state dict"
         dim, chans, patch, _ = shape("patch_embed.proj.weight", layout)
-        depth = len({int(m.group(1)) for k in state
-                     if (m := re.fullmatch(r"blocks\.(\d+)\.norm1\.weight", k))})
+        depth = _count(_Keys(path, state, layout), r"blocks\.(\d+)\.norm1\.weight")
         pos = shape("pos_embed", layout)
         side = _grid(_Keys(path, {}, layout), "pos_embed", pos[1], 1)
         arch = {"patch_size": patch, "embed_dim": dim, "depth": depth, "num_heads": None,
@@ -320,8 +320,7 @@ def _read_timm(path: Path) -> Released:
     if "stem.proj.weight" in state:
         layout = "timm Mixer state dict"
         dim, chans, patch, _ = shape("stem.proj.weight", layout)
-        depth = len({int(m.group(1)) for k in state
-                     if (m := re.fullmatch(r"blocks\.(\d+)\.norm1\.weight", k))})
+        depth = _count(_Keys(path, state, layout), r"blocks\.(\d+)\.norm1\.weight")
         tok_hidden, tokens = shape("blocks.0.mlp_tokens.fc1.weight", layout)
         side = _grid(_Keys(path, {}, layout), "blocks.0.mlp_tokens.fc1.weight", tokens, 0)
         arch = {"patch_size": patch, "embed_dim": dim, "num_blocks": depth,
