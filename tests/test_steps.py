@@ -336,7 +336,7 @@ def test_cpu_bf16_autocast_takes_the_math_attention_path_and_keeps_the_gradient(
     to the math path on the CPU under 16-bit autocast, and leaves fp32 / no autocast alone."""
     from torch.profiler import ProfilerActivity, profile
 
-    from vitsam.optim.steps import _autocast
+    from vitsam.optim.precision import autocast as _autocast
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 9, 8, requires_grad=True) for _ in range(3))
@@ -349,8 +349,11 @@ def test_cpu_bf16_autocast_takes_the_math_attention_path_and_keeps_the_gradient(
         return {e.key for e in prof.key_averages()}, out
 
     ops16, out16 = attention_ops(torch.bfloat16)
+    grad16 = q.grad.clone()
+    q.grad = None
     ops32, out32 = attention_ops(None)
     flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
     assert flash not in ops16 and flash in ops32
     assert out16.dtype == torch.bfloat16
     assert torch.allclose(out16.float(), out32, atol=3e-2)
+    assert torch.allclose(grad16, q.grad, atol=3e-2) and q.grad.abs().sum() > 0

@@ -24,13 +24,14 @@ uses torchattacks (``vitsam.eval.attacks``), where none of this matters.
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .precision import autocast
 
 ATTACKS = ("none", "pgd", "fgsm")
 FGSM_STEP = 1.25  # FGSM-RS step in units of eps (Wong et al. 2020)
@@ -139,9 +140,7 @@ class Attack:
                 grads = []
                 for a, b in spans:
                     d = delta[a:b].clone().requires_grad_(True)
-                    ctx = torch.autocast(device_type=dev.type, dtype=autocast_dtype) \
-                        if autocast_dtype is not None else nullcontext()
-                    with ctx:
+                    with autocast(dev, autocast_dtype):
                         loss = criterion(net((x[a:b] + d / std).to(x.dtype)), y[a:b])
                     if scaler is not None and scaler.is_enabled():
                         loss = scaler.scale(loss)  # fp16: keep small input gradients from underflowing

@@ -23,7 +23,7 @@ scale, ``nonfinite``: the engine counts those and stops a run after too many in 
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
 
@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from .adversarial import Attack
+from .precision import autocast as _autocast
 from .sam import SAM, foreach_cosine, global_norm
 from .variants import LookSAM, ScheduledSAM
 
@@ -453,24 +454,6 @@ def _accumulate(acc: list[torch.Tensor | None], params: list[torch.Tensor], weig
                 acc[i] = p.grad.detach() * weight
             else:
                 acc[i].add_(p.grad, alpha=weight)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
-    """Autocast to ``dtype`` (None: none). On the CPU with a 16-bit dtype, attention also takes
-    SDPA's math path: PyTorch's CPU flash-attention backward in bf16 is about 10x slower than in
-    fp32 (2.1 s against 0.19 s over 3 steps of the 32 px ViT of bench_train_loop on a 2-core
-    AMX Xeon), while the math path's batched matmuls run on the bf16 units (docs/benchmarks.md)."""
-    if dtype is None:
-        return nullcontext()
-    cast = torch.autocast(device_type=device.type, dtype=dtype)
-    if device.type != "cpu" or dtype == torch.float32:
-        return cast
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    stack = ExitStack()
-    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    stack.enter_context(cast)
-    return stack
 
 
 def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, tuple[int, torch.Tensor] | None]:
